@@ -1,0 +1,106 @@
+"""Command line: argument parsing and exit codes only. The work is done by the layers below.
+
+Exit codes (DESIGN.md §4): 0 safe, 1 refused, 2 bad usage or invalid input, 3 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from criu_xstate import __version__
+from criu_xstate.errors import CriuXstateError
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from criu_xstate.commands import show
+
+    return show.run(args)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from criu_xstate.commands import hostcmds
+
+    return hostcmds.run_probe(args)
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from criu_xstate.commands import hostcmds
+
+    return hostcmds.run_baseline(args)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from criu_xstate.commands import hostcmds
+
+    return hostcmds.run_compare(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="criu-xstate",
+        description="Find, check and translate in-flight x86 signal frames (XSAVE state) in CRIU checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"criu-xstate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("show", help="summarize a checkpoint: processes, threads, stacks, XSAVE state, frames")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="images directory or checkpoint archive")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_show)
+
+    p = sub.add_parser("probe", help="describe this machine as a host profile")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the profile here instead of stdout")
+    p.add_argument("--from-dump", metavar="FILE", help="build the profile from a raw CPUID/XCR0 dump")
+    p.add_argument("--name", help="profile name (default: the host name)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.set_defaults(handler=_cmd_probe)
+
+    p = sub.add_parser("baseline", help="one profile that every given host satisfies")
+    p.add_argument("profiles", nargs="+", metavar="HOST.yaml")
+    p.add_argument("-o", "--output", metavar="FILE")
+    p.add_argument("--name", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_baseline)
+
+    p = sub.add_parser("compare", help="what host B lacks that host A has")
+    p.add_argument("a", metavar="A.yaml")
+    p.add_argument("b", metavar="B.yaml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_compare)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors are exit 2, --help/--version exit 0
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except CriuXstateError as exc:
+        print(f"criu-xstate: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("criu-xstate: interrupted", file=sys.stderr)
+        return EXIT_INTERNAL
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
+        print(f"criu-xstate: internal error: {type(exc).__name__}: {exc} (please report)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

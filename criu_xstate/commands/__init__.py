@@ -1,0 +1,1 @@
+"""One module per CLI command: turn parsed arguments into layer calls and rendered output."""
