@@ -47,7 +47,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="criu-xstate",
-        description="Find, check and translate in-flight x86 signal frames (XSAVE state) in CRIU checkpoints.",
+        description="Find, check and translate in-flight x86 signal frames (XSAVE state) in CRIU images.",
     )
     parser.add_argument("--version", action="version", version=f"criu-xstate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
     except BrokenPipeError:
         return EXIT_OK
-    except Exception as exc:  # noqa: BLE001 - the contract is one line, never a traceback
+    except Exception as exc:
         print(f"criu-xstate: internal error: {type(exc).__name__}: {exc} (please report)", file=sys.stderr)
         return EXIT_INTERNAL
 
