@@ -531,8 +531,16 @@ def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigac
                     )
                 else:
                     examined[addr] = examine_frame_64(memory, addr, stack.kind, sigactions, thread.tid)
-            except MemoryUnreadable:
-                continue
+            except MemoryUnreadable as exc:
+                examined[addr] = SignalFrame(
+                    tid=thread.tid,
+                    abi=Abi.IA32_RT if thread.compat else Abi.X86_64,
+                    address=addr,
+                    stack=stack.kind,
+                    liveness=Liveness.INVALID,
+                    depth=None,
+                    checks=(Check("readable", False, f"frame bytes unreadable: {exc.reason}"),),
+                )
         return rt
 
     # Walk the live chain: innermost valid frame at or above SP, then outwards via the interrupted SP.
@@ -544,11 +552,7 @@ def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigac
         if stack is None:
             break
         anchors = candidates_on(stack)
-        nxt = (
-            next((a for a in anchors if a >= cursor and a not in live and not examined[a].failed), None)
-            if anchors
-            else None
-        )
+        nxt = next((a for a in anchors if a >= cursor and a not in live and not examined[a].failed), None)
         if nxt is None:
             break
         live.append(nxt)

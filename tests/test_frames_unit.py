@@ -1,0 +1,137 @@
+"""Frame discovery on built memory (no files): live chain, nesting, altstack, stale, hostile bytes."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from criu_xstate.frames import (
+    FP_XSTATE_MAGIC1,
+    FP_XSTATE_MAGIC2,
+    SA_ONSTACK,
+    SA_RESTORER,
+    SA_SIGINFO,
+    Liveness,
+    Sigaction,
+    StackKind,
+    ThreadStacks,
+    find_frames,
+)
+from tests.framebuild import RESTORER, FakeMemory, place_frame
+
+STACK_LO = 0x7FFF_0000_0000
+STACK_SIZE = 0x20000
+STACK_HI = STACK_LO + STACK_SIZE
+SIGACTIONS = [
+    Sigaction(10, 0x401100, SA_SIGINFO | SA_RESTORER, RESTORER),
+    Sigaction(12, 0x401200, SA_RESTORER, RESTORER),
+]
+
+
+def _memory() -> FakeMemory:
+    mem = FakeMemory()
+    mem.add(STACK_LO, STACK_SIZE)
+    return mem
+
+
+def test_single_live_frame_found_exactly() -> None:
+    mem = _memory()
+    isp = STACK_HI - 0x1000
+    frame, fpstate = place_frame(mem, isp)
+    handler_sp = frame - 0x200  # the handler's own call frames below the rt_sigframe
+    found = find_frames(ThreadStacks(tid=7, sp=handler_sp), mem, SIGACTIONS)
+    assert [(f.address, f.fpstate, f.liveness, f.depth) for f in found.frames] == [
+        (frame, fpstate, Liveness.LIVE, 0)
+    ]
+    f = found.frames[0]
+    assert f.signo == 10 and f.kernel_layout and f.stack is StackKind.STACK
+    assert f.sw is not None and f.sw.xstate_size == 832 and f.sw.xfeatures == 0x7
+    assert f.xstate_bv == 0x7 and f.xcomp_bv == 0 and f.mxcsr == 0x1F80
+    assert f.end == fpstate + 832 + 4
+
+
+def test_nested_frames_chain_outwards() -> None:
+    mem = _memory()
+    outer, _ = place_frame(mem, STACK_HI - 0x800)
+    inner, _ = place_frame(mem, outer - 0x100, signo=12)
+    found = find_frames(ThreadStacks(tid=7, sp=inner - 0x80), mem, SIGACTIONS)
+    assert [(f.address, f.depth) for f in found.live] == [(inner, 0), (outer, 1)]
+
+
+def test_altstack_frame_chains_to_normal_stack() -> None:
+    mem = _memory()
+    alt_lo, alt_size = 0x6000_0000, 0x4000
+    mem.add(alt_lo, alt_size)
+    outer, _ = place_frame(mem, STACK_HI - 0x800)  # a first signal on the normal stack
+    alt_frame, _ = place_frame(mem, outer - 0x40, on_altstack_top=alt_lo + alt_size)
+    thread = ThreadStacks(tid=7, sp=alt_frame - 0x100, altstack=(alt_lo, alt_size))
+    sas = [Sigaction(10, 0x401100, SA_SIGINFO | SA_RESTORER | SA_ONSTACK, RESTORER)]
+    found = find_frames(thread, mem, sas)
+    assert [(f.address, f.stack, f.depth) for f in found.live] == [
+        (alt_frame, StackKind.SIGALTSTACK, 0),
+        (outer, StackKind.STACK, 1),
+    ]
+
+
+def test_stale_frame_below_sp_is_never_live() -> None:
+    mem = _memory()
+    frame, _ = place_frame(mem, STACK_HI - 0x1000)
+    sp_after_return = STACK_HI - 0x1000  # the handler returned: SP is back where it was
+    found = find_frames(ThreadStacks(tid=7, sp=sp_after_return), mem, SIGACTIONS)
+    assert found.live == []
+    assert [(f.address, f.liveness) for f in found.frames] == [(frame, Liveness.STALE)]
+
+
+def test_no_handlers_no_frames() -> None:
+    mem = _memory()
+    place_frame(mem, STACK_HI - 0x1000)
+    assert find_frames(ThreadStacks(tid=7, sp=STACK_LO + 0x100), mem, []).frames == ()
+
+
+def test_candidate_failing_magic2_reports_the_check() -> None:
+    mem = _memory()
+    frame, fpstate = place_frame(mem, STACK_HI - 0x1000)
+    mem.write(fpstate + 832, b"\0\0\0\0")
+    found = find_frames(ThreadStacks(tid=7, sp=frame - 0x40), mem, SIGACTIONS)
+    assert found.live == []
+    (f,) = found.frames
+    assert f.liveness is Liveness.INVALID
+    assert [c.name for c in f.failed] == ["fpstate"] and "magic2" in f.failed[0].detail
+
+
+def test_lazy_stack_is_reported_unreadable() -> None:
+    mem = _memory()
+    place_frame(mem, STACK_HI - 0x1000)
+    mem.lazy.append((STACK_HI - 0x2000, STACK_HI))
+    found = find_frames(ThreadStacks(tid=7, sp=STACK_HI - 0x3000), mem, SIGACTIONS)
+    assert found.live == [] and len(found.unreadable) == 1
+    assert "lazy" in found.unreadable[0].error.reason
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    plants=st.lists(
+        st.tuples(st.integers(0, 0x3FF0), st.sampled_from(["restorer", "magic1", "magic2"])), max_size=40
+    ),
+)
+def test_random_bytes_with_planted_magics_give_no_live_frame(
+    seed: int, plants: list[tuple[int, str]]
+) -> None:
+    noise = random.Random(seed).randbytes(0x4000)
+    mem = FakeMemory()
+    mem.add(STACK_LO, 0x4000)
+    mem.write(STACK_LO, noise)
+    for off, kind in plants:
+        off &= ~7
+        value = {
+            "restorer": struct.pack("<Q", RESTORER),
+            "magic1": struct.pack("<I", FP_XSTATE_MAGIC1),
+            "magic2": struct.pack("<I", FP_XSTATE_MAGIC2),
+        }[kind]
+        mem.write(STACK_LO + off, value[: 0x4000 - off])
+    found = find_frames(ThreadStacks(tid=1, sp=STACK_LO), mem, SIGACTIONS)
+    assert found.live == []
