@@ -1,0 +1,129 @@
+"""Text and JSON rendering of plans. Text fits an 80-column terminal; colour only when asked (a TTY)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from collections.abc import Mapping, Sequence
+
+from criu_xstate.plan import Finding, Plan, Severity, ThreadPlan, Verdict
+
+WIDTH = 80
+
+_COLOURS = {"green": "32", "yellow": "33", "red": "31", "bold": "1", "dim": "2"}
+_VERDICT_COLOUR = {Verdict.COMPATIBLE: "green", Verdict.TRANSLATE: "yellow", Verdict.REFUSE: "red"}
+_SEVERITY_COLOUR = {
+    Severity.INFO: "dim",
+    Severity.WARNING: "yellow",
+    Severity.TRANSLATE: "yellow",
+    Severity.REFUSE: "red",
+}
+_VERDICT_TEXT = {
+    Verdict.COMPATIBLE: "safe to restore as is",
+    Verdict.TRANSLATE: "safe after `criu-xstate apply`",
+    Verdict.REFUSE: "unsafe: state would be lost or the task killed",
+}
+
+
+class Style:
+    def __init__(self, colour: bool) -> None:
+        self.colour = colour
+
+    def __call__(self, text: str, name: str) -> str:
+        if not self.colour:
+            return text
+        return f"\033[{_COLOURS[name]}m{text}\033[0m"
+
+
+def _wrap(text: str, indent: int) -> list[str]:
+    pad = " " * indent
+    return textwrap.wrap(text, WIDTH, initial_indent=pad, subsequent_indent=pad + "  ") or [pad]
+
+
+def _finding_lines(f: Finding, indent: int, style: Style) -> list[str]:
+    head = f"{style(f.code, _SEVERITY_COLOUR[f.severity])} ({f.severity.name.lower()})"
+    lines = [" " * indent + head]
+    lines += _wrap(f.detail, indent + 2)
+    if f.remedy and f.severity >= Severity.WARNING:
+        lines += _wrap(f"-> {f.remedy}", indent + 2)
+    return lines
+
+
+def _thread_lines(t: ThreadPlan, style: Style, verbose: bool) -> list[str]:
+    s = t.state
+    bv = f"xstate_bv 0x{s.xstate_bv:x}" if s.xstate_bv is not None else "no xsave"
+    lines = [
+        f"  tid {s.tid}{' (compat)' if s.compat else ''}: registers {bv}; "
+        f"{len(t.frames)} live frame{'s' if len(t.frames) != 1 else ''} -> {t.action}"
+    ]
+    for f in t.findings:
+        if verbose or f.severity >= Severity.WARNING:
+            lines += _finding_lines(f, 4, style)
+    for d in t.frames:
+        fr = d.frame
+        size = f"{fr.sw.xstate_size} B" if fr.sw else "no fpstate"
+        xf = f"xfeatures 0x{fr.sw.xfeatures:x}" if fr.sw else ""
+        sig = f"signal {fr.signo}" if fr.signo else "signal ?"
+        lines.append(f"    frame 0x{fr.address:x} on {fr.stack.value}, {sig}, {xf} {size}".rstrip())
+        target = ""
+        if d.action.value in ("translate", "relocate"):
+            target = f" (to xfeatures 0x{d.keep_mask:x}, {d.target_size} B)"
+        lines.append(f"      -> {d.action.value}{target}")
+        for f in d.findings:
+            if verbose or f.severity >= Severity.WARNING:
+                lines += _finding_lines(f, 6, style)
+    return lines
+
+
+def render_plan_text(
+    plan: Plan,
+    *,
+    checkpoint: str,
+    colour: bool = False,
+    verbose: bool = False,
+    processes: Mapping[int, str] | None = None,
+) -> str:
+    style = Style(colour)
+    d = plan.dest
+    v = plan.verdict
+    frames = [fd for t in plan.threads for fd in t.frames]
+    changed = sum(1 for fd in frames if fd.action.value in ("translate", "relocate"))
+    refused = sum(1 for fd in frames if fd.action.value == "refuse")
+    lines = [
+        f"{style(v.value.upper(), _VERDICT_COLOUR[v])}: {_VERDICT_TEXT[v]}",
+        *_wrap(
+            f"{checkpoint} -> {d.name} (xcr0 0x{d.xcr0:x}, user size {d.user_size}, sigreturn {d.sigreturn})",
+            0,
+        ),
+        f"{len(plan.threads)} thread(s), {len(frames)} live frame(s): {changed} to rewrite, "
+        f"{refused} refused",
+    ]
+    for f in plan.findings:
+        lines += _finding_lines(f, 2, style)
+    by_pid: dict[int, list[ThreadPlan]] = {}
+    for t in plan.threads:
+        by_pid.setdefault(t.state.pid, []).append(t)
+    for pid, threads in by_pid.items():
+        comm = (processes or {}).get(pid)
+        lines.append("")
+        lines.append(f"pid {pid}" + (f" ({comm})" if comm else ""))
+        for t in threads:
+            lines += _thread_lines(t, style, verbose)
+    return "\n".join(lines) + "\n"
+
+
+def render_multi_text(results: Sequence[tuple[str, Plan]], *, checkpoint: str, colour: bool = False) -> str:
+    """One line per destination: which hosts can take this checkpoint."""
+    style = Style(colour)
+    lines = [f"{checkpoint}: {len(results)} destination(s)"]
+    width = max((len(name) for name, _ in results), default=0)
+    for name, plan in results:
+        v = plan.verdict
+        worst = [f.code for f in plan.all_findings() if f.severity >= Severity.TRANSLATE]
+        why = ", ".join(sorted(set(worst))[:3])
+        lines.append(f"  {name.ljust(width)}  {style(v.value.ljust(10), _VERDICT_COLOUR[v])} {why}".rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
