@@ -189,6 +189,7 @@ class ThreadState:
     xstate_bv: int | None  # None: no xsave in the image
     in_use: frozenset[int] = frozenset()  # components whose saved data is not all zero
     pkru: int | None = None
+    unreadable: tuple[str, ...] = ()  # stacks whose pages the checkpoint does not hold (lazy pages)
 
 
 @dataclass(frozen=True)
@@ -664,6 +665,17 @@ def plan_thread_state(state: ThreadState, dest: HostFacts) -> list[Finding]:
                 Severity.WARNING,
                 subject,
                 "32-bit (compat) thread: its signal frames are not translated",
+            )
+        )
+    for why in state.unreadable:
+        out.append(
+            Finding(
+                "STACK_UNREADABLE",
+                Severity.REFUSE,
+                subject,
+                f"the thread's stack cannot be read from the checkpoint ({why}): an in-flight signal frame "
+                "there could be neither checked nor translated",
+                "dump without --lazy-pages (or with the pages transferred) and plan again",
             )
         )
     if state.xstate_bv is None:

@@ -224,3 +224,9 @@ def test_verdict_is_the_worst_finding() -> None:
         strict_isa=True,
     )
     assert strict.verdict is Verdict.REFUSE
+
+
+def test_unreadable_stack_is_a_refusal_naming_the_thread() -> None:
+    state = ThreadState(5, 6, False, 0x7, unreadable=("stack: lazy page not in the image",))
+    (f,) = plan_thread_state(state, SMALL)
+    assert f.code == "STACK_UNREADABLE" and "tid 6" in f.subject and "lazy" in f.detail
