@@ -1,0 +1,196 @@
+"""A process's address space as the checkpoint holds it: virtual address -> (pages file, offset).
+
+``pagemap-<pid>.img`` lists runs of pages in address order; the data of runs flagged ``PE_PRESENT``
+is concatenated in ``pages-<pages_id>.img`` in the same order. ``PE_PARENT`` runs are read from the
+parent checkpoint's address space; ``PE_LAZY`` runs without ``PE_PRESENT`` are not in the image at all
+(a lazy-pages daemon serves them) and read as unreadable, never as zeros. Anonymous private pages
+that no run covers were never touched and read as zeros.
+
+Reads use ``pread`` on the pages file and binary search over the runs: the cost of a read depends on
+its size and ``log(runs)``, never on the size of the pages file.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from criu_xstate.errors import ImageError, MemoryUnreadable
+from criu_xstate.images.framing import Pagemap
+from criu_xstate.images.pb import mm_pb2
+
+PAGE = 4096
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+VMA_AREA_REGULAR = 1 << 0
+VMA_FILE_PRIVATE = 1 << 6
+VMA_FILE_SHARED = 1 << 7
+VMA_ANON_SHARED = 1 << 8
+VMA_ANON_PRIVATE = 1 << 9
+MAX_READ = 64 << 20
+USER_SPACE_END = 1 << 47
+
+
+@dataclass(frozen=True)
+class Run:
+    start: int
+    pages: int
+    flags: int
+    file_offset: int | None  # offset in the pages file for PE_PRESENT runs
+
+    @property
+    def end(self) -> int:
+        return self.start + self.pages * PAGE
+
+
+class AddressSpace:
+    def __init__(
+        self, directory: Path, pagemap: Pagemap, mm: mm_pb2.mm_entry, parent: AddressSpace | None = None
+    ) -> None:
+        self.dir = directory
+        self.parent = parent
+        self.pages_path = directory / f"pages-{int(pagemap.head.pages_id)}.img"
+        self.pagemap_path = pagemap.raw.path
+        self.vmas = sorted((int(v.start), int(v.end), int(v.status)) for v in mm.vmas)
+        self.runs = self._runs(pagemap)
+        self._starts = [r.start for r in self.runs]
+        self._fd: int | None = None
+        present_bytes = sum(r.pages * PAGE for r in self.runs if r.file_offset is not None)
+        if present_bytes:
+            try:
+                size = self.pages_path.stat().st_size
+            except FileNotFoundError:
+                raise ImageError(
+                    self.pages_path, f"missing, but {self.pagemap_path} lists present pages"
+                ) from None
+            if present_bytes > size:
+                raise ImageError(
+                    self.pagemap_path,
+                    f"claims {present_bytes // PAGE} present pages but {self.pages_path.name} holds "
+                    f"{size // PAGE} ({size} bytes)",
+                )
+
+    def _runs(self, pagemap: Pagemap) -> list[Run]:
+        runs: list[Run] = []
+        offset = 0
+        prev_end = 0
+        for i, e in enumerate(pagemap.entries):
+            vaddr = int(e.vaddr)
+            pages = int(e.nr_pages) if e.HasField("nr_pages") else int(e.compat_nr_pages)
+            # CRIU < 4.2 may omit flags: the page is then present, or in the parent (criu/pagemap.c)
+            flags = int(e.flags) if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
+            if e.in_parent:
+                flags |= PE_PARENT
+            where = f"entry {i + 1} (vaddr 0x{vaddr:x})"
+            if vaddr % PAGE:
+                raise ImageError(self.pagemap_path, f"{where} is not page aligned")
+            if pages <= 0 or pages > USER_SPACE_END // PAGE or vaddr + pages * PAGE > USER_SPACE_END:
+                raise ImageError(self.pagemap_path, f"{where} has an impossible page count {pages}")
+            if vaddr < prev_end:
+                raise ImageError(self.pagemap_path, f"{where} overlaps or precedes the previous run")
+            file_offset = None
+            if flags & PE_PRESENT:
+                file_offset = offset
+                offset += pages * PAGE
+            runs.append(Run(vaddr, pages, flags, file_offset))
+            prev_end = vaddr + pages * PAGE
+        return runs
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _pread(self, offset: int, size: int) -> bytes:
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.pages_path, os.O_RDONLY)
+            except OSError as exc:
+                raise ImageError(self.pages_path, f"unreadable: {exc.strerror}") from exc
+        data = os.pread(self._fd, size, offset)
+        if len(data) != size:
+            raise ImageError(self.pages_path, f"truncated: {size} bytes at offset {offset} not there")
+        return data
+
+    def run_at(self, vaddr: int) -> Run | None:
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        if i >= 0 and vaddr < self.runs[i].end:
+            return self.runs[i]
+        return None
+
+    def vma_at(self, vaddr: int) -> tuple[int, int, int] | None:
+        i = bisect.bisect_right(self.vmas, (vaddr, USER_SPACE_END * 2, 0)) - 1
+        if i >= 0 and self.vmas[i][0] <= vaddr < self.vmas[i][1]:
+            return self.vmas[i]
+        return None
+
+    def _unreadable(self, vaddr: int, size: int, reason: str) -> MemoryUnreadable:
+        return MemoryUnreadable(self.pagemap_path, vaddr, size, reason)
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        if size < 0 or size > MAX_READ:
+            raise self._unreadable(vaddr, size, f"read of {size} bytes refused (limit {MAX_READ})")
+        out = bytearray()
+        pos = vaddr
+        end = vaddr + size
+        while pos < end:
+            run = self.run_at(pos)
+            if run is None:
+                nxt = bisect.bisect_right(self._starts, pos)
+                chunk_end = min(end, self.runs[nxt].start if nxt < len(self.runs) else end)
+                chunk_end = max(chunk_end, min(end, (pos // PAGE + 1) * PAGE))
+                out += self._hole(pos, chunk_end - pos)
+                pos = chunk_end
+                continue
+            chunk_end = min(end, run.end)
+            n = chunk_end - pos
+            if run.file_offset is not None:
+                out += self._pread(run.file_offset + (pos - run.start), n)
+            elif run.flags & PE_PARENT:
+                if self.parent is None:
+                    raise self._unreadable(pos, n, "page is in the parent images, but there is no parent")
+                out += self.parent.read(pos, n)
+            elif run.flags & PE_LAZY:
+                raise self._unreadable(pos, n, "lazy page not in the image")
+            else:
+                raise self._unreadable(pos, n, f"pagemap flags 0x{run.flags:x} say the page has no data")
+            pos = chunk_end
+        return bytes(out)
+
+    def _hole(self, vaddr: int, size: int) -> bytes:
+        vma = self.vma_at(vaddr)
+        if vma is None or vaddr + size > vma[1]:
+            raise self._unreadable(vaddr, size, "not mapped")
+        status = vma[2]
+        if status & (VMA_FILE_PRIVATE | VMA_FILE_SHARED | VMA_ANON_SHARED):
+            raise self._unreadable(vaddr, size, "file-backed or shared page not in the image")
+        return bytes(size)  # anonymous private, never touched
+
+    def region_of(self, vaddr: int) -> tuple[int, int] | None:
+        vma = self.vma_at(vaddr)
+        return (vma[0], vma[1]) if vma else None
+
+    def locate(self, vaddr: int, size: int) -> list[tuple[Path, int, int]]:
+        """Where the bytes live in *this* directory's pages file: ``[(path, offset, length)]``.
+
+        Only ``PE_PRESENT`` data can be edited in place; anything else raises.
+        """
+        out: list[tuple[Path, int, int]] = []
+        pos = vaddr
+        end = vaddr + size
+        while pos < end:
+            run = self.run_at(pos)
+            if run is None or run.file_offset is None:
+                why = "not in this checkpoint's pages file" if run is None else "in the parent images"
+                raise self._unreadable(pos, end - pos, f"cannot edit in place: {why}")
+            n = min(end, run.end) - pos
+            out.append((self.pages_path, run.file_offset + (pos - run.start), n))
+            pos += n
+        return out
+
+    @property
+    def present_bytes(self) -> int:
+        return sum(r.pages * PAGE for r in self.runs if r.file_offset is not None)

@@ -1,0 +1,204 @@
+"""CRIU image framing: ``IMAGE ::= [COMMON|SERVICE magic] TYPE-magic {u32 size, payload}``.
+
+``inventory.img`` has no head magic; raw images (``pages-*.img``) have no header at all and are never
+read through this module. Every size is checked against the bytes that are really there, and each
+entry is bounded, so a hostile image gives one clear :class:`ImageError` naming the file.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from criu_xstate.errors import ImageError
+from criu_xstate.images.pb import (
+    core_pb2,
+    cpuinfo_pb2,
+    inventory_pb2,
+    mm_pb2,
+    pagemap_pb2,
+    pstree_pb2,
+)
+
+IMG_COMMON_MAGIC = 0x54564319
+IMG_SERVICE_MAGIC = 0x55105940
+MAX_IMAGE_BYTES = 256 << 20  # no image CRIU writes (pages aside) comes near this
+MAX_ENTRY_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class ImageKind:
+    name: str
+    magic: int
+    head: int | None  # IMG_COMMON_MAGIC, or None for inventory
+
+
+INVENTORY = ImageKind("inventory", 0x58313116, None)
+PSTREE = ImageKind("pstree", 0x50273030, IMG_COMMON_MAGIC)
+CORE = ImageKind("core", 0x55053847, IMG_COMMON_MAGIC)
+MM = ImageKind("mm", 0x57492820, IMG_COMMON_MAGIC)
+PAGEMAP = ImageKind("pagemap", 0x56084025, IMG_COMMON_MAGIC)
+CPUINFO = ImageKind("cpuinfo", 0x61404013, IMG_COMMON_MAGIC)
+
+M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """An image split into its framing: the magics and each entry's payload bytes."""
+
+    path: str
+    head: int | None
+    magic: int
+    payloads: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        return encode_image(self.head, self.magic, self.payloads)
+
+
+def encode_image(head: int | None, magic: int, payloads: tuple[bytes, ...] | list[bytes]) -> bytes:
+    parts = [] if head is None else [struct.pack("<I", head)]
+    parts.append(struct.pack("<I", magic))
+    for p in payloads:
+        parts.append(struct.pack("<I", len(p)))
+        parts.append(p)
+    return b"".join(parts)
+
+
+def split_image(data: bytes, kind: ImageKind, path: str) -> RawImage:
+    """Parse the framing of ``data`` as an image of ``kind``."""
+    pos = 0
+
+    def u32(what: str) -> int:
+        nonlocal pos
+        if pos + 4 > len(data):
+            raise ImageError(path, f"truncated: {what} at offset {pos} needs 4 bytes, file has {len(data)}")
+        (value,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        return int(value)
+
+    if not data:
+        raise ImageError(path, "empty file (not a CRIU image)")
+    head: int | None = None
+    if kind.head is not None:
+        head = u32("head magic")
+        if head not in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC):
+            raise ImageError(path, f"head magic 0x{head:08x} is not a CRIU image magic")
+    magic = u32("image magic")
+    if magic != kind.magic:
+        raise ImageError(path, f"magic 0x{magic:08x} is not the {kind.name} image magic 0x{kind.magic:08x}")
+    payloads: list[bytes] = []
+    while pos < len(data):
+        at = pos
+        size = u32(f"size of entry {len(payloads)}")
+        if size > MAX_ENTRY_BYTES:
+            raise ImageError(
+                path, f"entry {len(payloads)} at offset {at} claims {size} bytes (limit {MAX_ENTRY_BYTES})"
+            )
+        if pos + size > len(data):
+            raise ImageError(
+                path,
+                f"entry {len(payloads)} at offset {at} claims {size} bytes but only {len(data) - pos} remain",
+            )
+        payloads.append(data[pos : pos + size])
+        pos += size
+    return RawImage(path, head, magic, tuple(payloads))
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(path, f"{size} bytes: larger than any CRIU image ({MAX_IMAGE_BYTES} limit)")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(path, "missing") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory, not an image") from None
+    except OSError as exc:
+        raise ImageError(path, f"unreadable: {exc.strerror}") from exc
+
+
+def read_raw(path: Path, kind: ImageKind) -> RawImage:
+    return split_image(read_file(path), kind, str(path))
+
+
+def decode(payload: bytes, cls: type[M], path: str, index: int) -> M:
+    msg = cls()
+    try:
+        msg.ParseFromString(payload)
+    except (DecodeError, RuntimeWarning, ValueError) as exc:
+        raise ImageError(path, f"entry {index}: not a valid {cls.DESCRIPTOR.name}: {exc}") from None
+    return msg
+
+
+@dataclass(frozen=True)
+class Image(Generic[M]):
+    """A decoded image: its framing plus one message per entry."""
+
+    raw: RawImage
+    entries: tuple[M, ...]
+
+    def encode(self) -> bytes:
+        return encode_image(self.raw.head, self.raw.magic, [e.SerializeToString() for e in self.entries])
+
+
+def read_messages(path: Path, kind: ImageKind, cls: type[M]) -> Image[M]:
+    raw = read_raw(path, kind)
+    return Image(raw, tuple(decode(p, cls, raw.path, i) for i, p in enumerate(raw.payloads)))
+
+
+def read_single(path: Path, kind: ImageKind, cls: type[M]) -> M:
+    img = read_messages(path, kind, cls)
+    if len(img.entries) != 1:
+        raise ImageError(path, f"expected one {cls.DESCRIPTOR.name} entry, found {len(img.entries)}")
+    return img.entries[0]
+
+
+@dataclass(frozen=True)
+class Pagemap:
+    raw: RawImage
+    head: pagemap_pb2.pagemap_head
+    entries: tuple[pagemap_pb2.pagemap_entry, ...]
+
+    def encode(self) -> bytes:
+        payloads = [self.head.SerializeToString(), *(e.SerializeToString() for e in self.entries)]
+        return encode_image(self.raw.head, self.raw.magic, payloads)
+
+
+def read_pagemap(path: Path) -> Pagemap:
+    raw = read_raw(path, PAGEMAP)
+    if not raw.payloads:
+        raise ImageError(path, "pagemap has no head entry")
+    head = decode(raw.payloads[0], pagemap_pb2.pagemap_head, raw.path, 0)
+    entries = tuple(
+        decode(p, pagemap_pb2.pagemap_entry, raw.path, i + 1) for i, p in enumerate(raw.payloads[1:])
+    )
+    return Pagemap(raw, head, entries)
+
+
+# Kinds with their message types, for generic tools (round-trip tests, `show --raw`).
+MESSAGE_KINDS: dict[str, tuple[ImageKind, type[Message]]] = {
+    "inventory": (INVENTORY, inventory_pb2.inventory_entry),
+    "pstree": (PSTREE, pstree_pb2.pstree_entry),
+    "core": (CORE, core_pb2.core_entry),
+    "mm": (MM, mm_pb2.mm_entry),
+    "cpuinfo": (CPUINFO, cpuinfo_pb2.cpuinfo_entry),
+}
+
+
+def kind_of(name: str) -> str | None:
+    """The image kind a file name denotes (``core-12.img`` -> ``core``), or None."""
+    if not name.endswith(".img"):
+        return None
+    stem = name[:-4]
+    base = stem.split("-", 1)[0]
+    if base in MESSAGE_KINDS or base == "pagemap":
+        if base == "pagemap" and stem.startswith("pagemap-shmem"):
+            return "pagemap"
+        return base
+    return None
