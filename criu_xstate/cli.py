@@ -21,27 +21,51 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from criu_xstate.commands import show
+    from criu_xstate.commands.show import run
 
-    return show.run(args)
+    return run(args)
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from criu_xstate.commands import hostcmds
+    from criu_xstate.commands.hostcmds import run_probe
 
-    return hostcmds.run_probe(args)
+    return run_probe(args)
 
 
 def _cmd_baseline(args: argparse.Namespace) -> int:
-    from criu_xstate.commands import hostcmds
+    from criu_xstate.commands.hostcmds import run_baseline
 
-    return hostcmds.run_baseline(args)
+    return run_baseline(args)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from criu_xstate.commands import hostcmds
+    from criu_xstate.commands.hostcmds import run_compare
 
-    return hostcmds.run_compare(args)
+    return run_compare(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from criu_xstate.commands.plancmd import run
+
+    return run(args)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from criu_xstate.commands.applycmd import run_apply
+
+    return run_apply(args)
+
+
+def _cmd_undo(args: argparse.Namespace) -> int:
+    from criu_xstate.commands.applycmd import run_undo
+
+    return run_undo(args)
+
+
+def _cmd_hook(args: argparse.Namespace) -> int:
+    from criu_xstate.hook import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-dump", metavar="FILE", help="build the profile from a raw CPUID/XCR0 dump")
     p.add_argument("--name", help="profile name (default: the host name)")
     p.add_argument("--json", action="store_true", help="print JSON instead of YAML")
+    p.add_argument("--raw", action="store_true", help="print the raw CPUID/XCR0 dump instead of a profile")
+    p.add_argument(
+        "--sigreturn", choices=["frame-size", "user-size"], help="override the kernel's sigreturn rule"
+    )
     p.set_defaults(handler=_cmd_probe)
 
     p = sub.add_parser("baseline", help="one profile that every given host satisfies")
@@ -76,6 +104,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", metavar="B.yaml")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_compare)
+
+    def plan_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("checkpoint", metavar="CHECKPOINT", help="images directory or checkpoint archive")
+        p.add_argument(
+            "--dest",
+            action="append",
+            required=True,
+            metavar="HOST.yaml",
+            help="destination host profile, fleet baseline, or a directory of profiles (repeatable)",
+        )
+        p.add_argument(
+            "--src", metavar="HOST.yaml", help="source host profile (default: cpuinfo.img, frames)"
+        )
+        p.add_argument(
+            "--strict-isa", action="store_true", help="refuse when the destination lacks CPU flags"
+        )
+        p.add_argument("--no-relocate", action="store_true", help="refuse instead of relocating XSAVE images")
+        p.add_argument("--json", action="store_true", help="the plan JSON (schema criu-xstate/plan/v1)")
+
+    p = sub.add_parser("plan", help="is a restore on the destination safe, safe after apply, or unsafe?")
+    plan_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="show informational findings too")
+    p.set_defaults(handler=_cmd_plan)
+
+    p = sub.add_parser("apply", help="translate the images for the destination, or refuse")
+    plan_args(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="DIR", help="write a translated copy here")
+    where.add_argument("--in-place", action="store_true", help="rewrite the checkpoint (journaled; see undo)")
+    p.set_defaults(handler=_cmd_apply)
+
+    p = sub.add_parser("undo", help="restore a checkpoint changed by apply --in-place from its journal")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.set_defaults(handler=_cmd_undo)
+
+    p = sub.add_parser("hook", help="CRIU action script: translate or refuse at pre-restore")
+    p.set_defaults(handler=_cmd_hook)
 
     return parser
 

@@ -121,7 +121,7 @@ def render_multi_text(results: Sequence[tuple[str, Plan]], *, checkpoint: str, c
         v = plan.verdict
         worst = [f.code for f in plan.all_findings() if f.severity >= Severity.TRANSLATE]
         why = ", ".join(sorted(set(worst))[:3])
-        lines.append(f"  {name.ljust(width)}  {style(v.value.ljust(10), _VERDICT_COLOUR[v])} {why}".rstrip())
+        lines.append(f"  {name.ljust(width)}  {style(v.value.ljust(11), _VERDICT_COLOUR[v])} {why}".rstrip())
     return "\n".join(lines) + "\n"
 
 

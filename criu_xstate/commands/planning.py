@@ -1,0 +1,65 @@
+"""Build plans from a checkpoint model and destination profiles (shared by plan, apply and the hook)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from criu_xstate import hosts
+from criu_xstate.model import CheckpointModel
+from criu_xstate.plan import HostFacts, Plan, SourceFacts, make_plan
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    facts: HostFacts
+
+
+def facts_from_profile(profile: hosts.HostProfile) -> HostFacts:
+    """The plan's view of a host profile (DESIGN.md §4)."""
+    xs = profile.xsave
+    return HostFacts(
+        name=profile.name,
+        xcr0=xs.xcr0,
+        user_size=xs.user_size,
+        mxcsr_mask=xs.mxcsr_mask,
+        offsets={n: (c.offset, c.size) for n, c in xs.components.items()},
+        sigreturn=profile.kernel.sigreturn,
+        flags=frozenset(profile.flags),
+        offset_conflicts=frozenset(getattr(xs, "offset_conflicts", None) or ()),
+    )
+
+
+def load_destinations(paths: Sequence[str]) -> list[Destination]:
+    out: list[Destination] = []
+    for p in paths:
+        for profile in hosts.load_profiles(Path(p)):
+            out.append(Destination(profile.name, facts_from_profile(profile)))
+    return out
+
+
+def load_source(path: str | None, model: CheckpointModel) -> SourceFacts | None:
+    """The source host: a --src profile, else the checkpoint's cpuinfo.img (CRIU --cpu-cap), else None."""
+    if path is not None:
+        (profile,) = hosts.load_profiles(Path(path))[:1]
+        f = facts_from_profile(profile)
+        return SourceFacts(profile.name, dict(f.offsets), f.flags)
+    cpuinfo = model.checkpoint.cpuinfo()
+    if cpuinfo is None:
+        return None
+    partial = hosts.profile_from_cpuinfo_img(cpuinfo)
+    return SourceFacts("cpuinfo.img", None, frozenset(partial.flags) if partial.flags else None)
+
+
+def plan_for(
+    model: CheckpointModel,
+    dest: HostFacts,
+    source: SourceFacts | None,
+    *,
+    allow_relocation: bool = True,
+    strict_isa: bool = False,
+) -> Plan:
+    threads = [(t.state(), t.frames.live) for t in model.threads()]
+    return make_plan(threads, dest, source, allow_relocation=allow_relocation, strict_isa=strict_isa)

@@ -1,0 +1,596 @@
+"""Host profiles (DESIGN.md §4): load, validate, save, probe, CRIU cpuinfo.img, baseline, compare.
+
+A profile says what a destination kernel will accept in a signal frame: its user XCR0, the default
+and maximal user xstate sizes, the dynamic features, the MXCSR mask, each component's standard
+offset and size, the kernel's sigreturn rule and the CPU flags. YAML is read with ``safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from criu_xstate.errors import ProfileError
+from criu_xstate.x86.cpuid import RawFacts
+
+SCHEMA = "criu-xstate/host/v1"
+SIGRETURN_RULES = ("frame-size", "user-size")
+DYNAMIC_FEATURES = 1 << 18  # XTILEDATA: needs ARCH_REQ_XCOMP_PERM, excluded from the default size
+LEGACY_SIZE = 576
+COMPONENT_NAMES = {
+    0: "x87",
+    1: "SSE",
+    2: "AVX (YMM_Hi128)",
+    3: "MPX BNDREGS",
+    4: "MPX BNDCSR",
+    5: "AVX-512 opmask",
+    6: "AVX-512 ZMM_Hi256",
+    7: "AVX-512 Hi16_ZMM",
+    9: "PKRU",
+    17: "AMX XTILECFG",
+    18: "AMX XTILEDATA",
+    19: "APX EGPRs",
+}
+
+
+def component_name(n: int) -> str:
+    return COMPONENT_NAMES.get(n, f"component {n}")
+
+
+@dataclass(frozen=True)
+class Component:
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class XsaveInfo:
+    xcr0: int
+    user_size: int
+    max_user_size: int
+    dynamic: int = 0
+    mxcsr_mask: int = 0xFFFF
+    components: Mapping[int, Component] = field(default_factory=dict)
+    offset_conflicts: tuple[int, ...] = ()  # fleet profiles: components whose offsets differ
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    vendor: str = "unknown"
+    family: int | None = None
+    model: int | None = None
+    model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    release: str | None = None
+    sigreturn: str = "frame-size"
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    name: str
+    cpu: CpuInfo
+    kernel: KernelInfo
+    xsave: XsaveInfo
+    flags: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()  # fleet profiles: the hosts it was built from
+
+
+# --- parsing and validation ---------------------------------------------------------------------------
+
+_TOP = {"schema", "name", "cpu", "kernel", "xsave", "flags", "notes", "members"}
+_CPU = {"vendor", "family", "model", "model_name"}
+_KERNEL = {"release", "sigreturn"}
+_XSAVE = {"xcr0", "user_size", "max_user_size", "dynamic", "mxcsr_mask", "components", "offset_conflicts"}
+
+
+def _int(value: object, where: str, source: str) -> int:
+    if isinstance(value, bool):
+        raise ProfileError(source, f"{where}: expected a number, got {value!r}")
+    if isinstance(value, int):
+        result = value
+    elif isinstance(value, str):
+        try:
+            result = int(value, 0)
+        except ValueError:
+            raise ProfileError(source, f"{where}: {value!r} is not a number (use 0x.. for hex)") from None
+    else:
+        raise ProfileError(source, f"{where}: expected a number, got {type(value).__name__}")
+    if result < 0:
+        raise ProfileError(source, f"{where}: must not be negative")
+    return result
+
+
+def _mapping(value: object, where: str, source: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProfileError(source, f"{where}: expected a mapping")
+    unknown = sorted(str(k) for k in value if k not in allowed)
+    if unknown:
+        raise ProfileError(
+            source, f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})"
+        )
+    return value
+
+
+def profile_from_dict(data: object, source: str) -> HostProfile:
+    top = _mapping(data, "profile", source, _TOP)
+    if top.get("schema") != SCHEMA:
+        raise ProfileError(source, f"schema must be {SCHEMA!r}, got {top.get('schema')!r}")
+    for key in ("name", "xsave"):
+        if key not in top:
+            raise ProfileError(source, f"missing required key {key!r}")
+    cpu_d = _mapping(top.get("cpu") or {}, "cpu", source, _CPU)
+    kernel_d = _mapping(top.get("kernel") or {}, "kernel", source, _KERNEL)
+    xs = _mapping(top["xsave"], "xsave", source, _XSAVE)
+    for key in ("xcr0", "user_size", "components"):
+        if key not in xs:
+            raise ProfileError(source, f"xsave: missing required key {key!r}")
+    comps_d = xs["components"]
+    if not isinstance(comps_d, dict):
+        raise ProfileError(
+            source, "xsave.components: expected a mapping of component number to {offset, size}"
+        )
+    comps: dict[int, Component] = {}
+    for k, v in comps_d.items():
+        n = _int(k, "xsave.components key", source)
+        cd = _mapping(v, f"xsave.components.{n}", source, {"offset", "size"})
+        comps[n] = Component(
+            _int(cd.get("offset"), f"components.{n}.offset", source),
+            _int(cd.get("size"), f"components.{n}.size", source),
+        )
+    sigreturn = kernel_d.get("sigreturn", "frame-size")
+    if sigreturn not in SIGRETURN_RULES:
+        raise ProfileError(
+            source, f"kernel.sigreturn must be one of {', '.join(SIGRETURN_RULES)}, got {sigreturn!r}"
+        )
+    user_size = _int(xs["user_size"], "xsave.user_size", source)
+    profile = HostProfile(
+        name=str(top["name"]),
+        cpu=CpuInfo(
+            vendor=str(cpu_d.get("vendor", "unknown")),
+            family=_int(cpu_d["family"], "cpu.family", source) if "family" in cpu_d else None,
+            model=_int(cpu_d["model"], "cpu.model", source) if "model" in cpu_d else None,
+            model_name=str(cpu_d["model_name"]) if cpu_d.get("model_name") is not None else None,
+        ),
+        kernel=KernelInfo(
+            release=str(kernel_d["release"]) if kernel_d.get("release") is not None else None,
+            sigreturn=str(sigreturn),
+        ),
+        xsave=XsaveInfo(
+            xcr0=_int(xs["xcr0"], "xsave.xcr0", source),
+            user_size=user_size,
+            max_user_size=_int(xs.get("max_user_size", user_size), "xsave.max_user_size", source),
+            dynamic=_int(xs.get("dynamic", 0), "xsave.dynamic", source),
+            mxcsr_mask=_int(xs.get("mxcsr_mask", 0xFFFF), "xsave.mxcsr_mask", source),
+            components=comps,
+            offset_conflicts=tuple(
+                _int(c, "xsave.offset_conflicts", source) for c in xs.get("offset_conflicts") or ()
+            ),
+        ),
+        flags=tuple(str(f) for f in top.get("flags") or ()),
+        notes=tuple(str(n) for n in top.get("notes") or ()),
+        members=tuple(str(m) for m in top.get("members") or ()),
+    )
+    validate(profile, source)
+    return profile
+
+
+def validate(p: HostProfile, source: str) -> None:
+    xs = p.xsave
+    if not xs.xcr0 & 0x3 == 0x3:
+        raise ProfileError(source, f"xsave.xcr0 0x{xs.xcr0:x} lacks x87/SSE (bits 0 and 1)")
+    for n, c in xs.components.items():
+        if n < 2:
+            raise ProfileError(
+                source, f"xsave.components.{n}: x87/SSE live in the legacy area, not in components"
+            )
+        if not xs.xcr0 >> n & 1:
+            raise ProfileError(
+                source, f"xsave.components.{n} ({component_name(n)}) is not in xcr0 0x{xs.xcr0:x}"
+            )
+        if c.offset < LEGACY_SIZE or c.size == 0:
+            raise ProfileError(
+                source, f"xsave.components.{n}: offset {c.offset} size {c.size} is not a standard slot"
+            )
+    missing = [n for n in range(2, 64) if xs.xcr0 >> n & 1 and n not in xs.components]
+    if missing:
+        raise ProfileError(source, f"xsave.components lacks offsets for xcr0 component(s) {missing}")
+    ordered = sorted(xs.components.items(), key=lambda kv: kv[1].offset)
+    for (a, ca), (b, cb) in itertools.pairwise(ordered):
+        if ca.offset + ca.size > cb.offset:
+            raise ProfileError(
+                source, f"xsave.components {a} ({ca.offset}+{ca.size}) and {b} (at {cb.offset}) overlap"
+            )
+    static_end = max(
+        [LEGACY_SIZE] + [c.offset + c.size for n, c in xs.components.items() if not xs.dynamic >> n & 1]
+    )
+    full_end = max([LEGACY_SIZE] + [c.offset + c.size for c in xs.components.values()])
+    if xs.user_size < static_end:
+        raise ProfileError(
+            source, f"xsave.user_size {xs.user_size} is smaller than the components' end {static_end}"
+        )
+    if xs.max_user_size < max(xs.user_size, full_end):
+        raise ProfileError(
+            source, f"xsave.max_user_size {xs.max_user_size} is smaller than user_size/components end"
+        )
+    if xs.dynamic & ~xs.xcr0:
+        raise ProfileError(source, f"xsave.dynamic 0x{xs.dynamic:x} names features outside xcr0")
+
+
+def profile_to_dict(p: HostProfile) -> dict[str, Any]:
+    cpu: dict[str, Any] = {"vendor": p.cpu.vendor}
+    if p.cpu.family is not None:
+        cpu["family"] = p.cpu.family
+    if p.cpu.model is not None:
+        cpu["model"] = p.cpu.model
+    if p.cpu.model_name:
+        cpu["model_name"] = p.cpu.model_name
+    xs = p.xsave
+    out: dict[str, Any] = {
+        "schema": SCHEMA,
+        "name": p.name,
+        "cpu": cpu,
+        "kernel": {"release": p.kernel.release, "sigreturn": p.kernel.sigreturn},
+        "xsave": {
+            "xcr0": hex(xs.xcr0),
+            "user_size": xs.user_size,
+            "max_user_size": xs.max_user_size,
+            "dynamic": hex(xs.dynamic),
+            "mxcsr_mask": hex(xs.mxcsr_mask),
+            "components": {n: {"offset": c.offset, "size": c.size} for n, c in sorted(xs.components.items())},
+        },
+        "flags": list(p.flags),
+    }
+    if xs.offset_conflicts:
+        out["xsave"]["offset_conflicts"] = list(xs.offset_conflicts)
+    if p.notes:
+        out["notes"] = list(p.notes)
+    if p.members:
+        out["members"] = list(p.members)
+    return out
+
+
+def dump_profile(p: HostProfile, *, as_json: bool = False) -> str:
+    data = profile_to_dict(p)
+    if as_json:
+        return json.dumps(data, indent=2) + "\n"
+    return str(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))
+
+
+def load_profile(path: Path) -> HostProfile:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ProfileError(path, "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(path, f"unreadable: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ProfileError(path, f"not valid YAML: {exc}".replace("\n", " ")) from None
+    return profile_from_dict(data, str(path))
+
+
+def load_profiles(path: Path) -> list[HostProfile]:
+    """A profile file, or every ``*.yaml``/``*.yml`` of a directory (sorted by name)."""
+    if path.is_dir():
+        files = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
+        if not files:
+            raise ProfileError(path, "directory holds no *.yaml host profiles")
+        return [load_profile(f) for f in files]
+    return [load_profile(path)]
+
+
+# --- building a profile from raw facts (probe and --from-dump) ----------------------------------------
+
+_REVERT_KNOWN = {(6, 18): 44}  # stable branches measured to carry the 2026 revert, from this patch level
+
+
+def sigreturn_rule(release: str | None) -> tuple[str, str | None]:
+    """The kernel's magic2 rule from its release, with a note when the answer is a conservative guess."""
+    if not release:
+        return "user-size", "kernel release unknown: assuming the stricter user-size rule"
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?(-rc(\d+))?", release)
+    if not m:
+        return "user-size", f"kernel release {release!r} not understood: assuming the stricter user-size rule"
+    major, minor, patch = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    rc = int(m.group(5)) if m.group(5) else None
+    ver = (major, minor)
+    if ver < (6, 15) or ver > (7, 1) or (ver == (7, 1) and (rc is None or rc >= 6)):
+        return "frame-size", None
+    known = _REVERT_KNOWN.get(ver)
+    if known is not None and patch >= known:
+        return "frame-size", f"{release}: stable branch carries the revert of dc8aa31a7ac2 (measured)"
+    return "user-size", (
+        f"{release} is in the 6.15 .. 7.1-rc5 window (magic2 at user_size); if this build carries the "
+        "revert 44eeff9bc467, set kernel.sigreturn: frame-size"
+    )
+
+
+def _vendor(facts: RawFacts) -> str:
+    _, b, c, d = facts.cpuid.get((0, 0), (0, 0, 0, 0))
+    raw = struct_pack_u32(b) + struct_pack_u32(d) + struct_pack_u32(c)
+    return raw.decode("ascii", "replace").strip("\0") or "unknown"
+
+
+def struct_pack_u32(v: int) -> bytes:
+    return int(v & 0xFFFFFFFF).to_bytes(4, "little")
+
+
+def _family_model(facts: RawFacts) -> tuple[int | None, int | None]:
+    if (1, 0) not in facts.cpuid:
+        return None, None
+    eax = facts.cpuid[(1, 0)][0]
+    base_family = (eax >> 8) & 0xF
+    family = base_family + ((eax >> 20) & 0xFF if base_family == 0xF else 0)
+    model = (eax >> 4) & 0xF
+    if base_family in (0x6, 0xF):
+        model |= ((eax >> 16) & 0xF) << 4
+    return family, model
+
+
+def profile_from_facts(facts: RawFacts, name: str, *, sigreturn: str | None = None) -> HostProfile:
+    notes: list[str] = [f"{k}: {v}" for k, v in facts.sources.items() if k != "cpuid"]
+    d0 = facts.cpuid.get((0xD, 0))
+    if d0 is None:
+        raise ProfileError(name, "no CPUID leaf 0xD: the CPU has no XSAVE")
+    supported = d0[0] | (d0[3] << 32)
+    xcr0 = facts.xcr0 if facts.xcr0 is not None else supported
+    if facts.xcr0 is None:
+        notes.append("XCR0 not read (no XGETBV): using CPUID 0xD.0 supported features")
+    user_xcr0 = xcr0 & ~(1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 14 | 1 << 15 | 1 << 16)
+    if facts.xcomp_supp is not None:
+        if facts.xcomp_supp != user_xcr0:
+            notes.append(
+                f"disagreement: XCR0 user part 0x{user_xcr0:x} vs ARCH_GET_XCOMP_SUPP "
+                f"0x{facts.xcomp_supp:x}; using the kernel's"
+            )
+        user_xcr0 = facts.xcomp_supp
+    comps: dict[int, Component] = {}
+    dynamic = 0
+    for n in range(2, 20):
+        if not user_xcr0 >> n & 1:
+            continue
+        leaf = facts.cpuid.get((0xD, n))
+        if leaf is None or leaf[0] == 0:
+            raise ProfileError(name, f"XCR0 enables component {n} but CPUID 0xD.{n} describes no size")
+        comps[n] = Component(offset=leaf[1], size=leaf[0])
+        if (1 << n) & DYNAMIC_FEATURES:
+            dynamic |= 1 << n
+    ends = [LEGACY_SIZE] + [c.offset + c.size for n, c in comps.items() if not dynamic >> n & 1]
+    user_size = max(ends)
+    max_user = max([user_size] + [c.offset + c.size for c in comps.values()])
+    if d0[1] != max_user:
+        notes.append(f"disagreement: CPUID 0xD.0 EBX {d0[1]} vs components' end {max_user}")
+    if facts.minsigstksz is not None:
+        expect_ia32 = _round16(736 + 15 + max_user + 4 + 112 + 63)
+        expect_64 = _round16(440 + 15 + max_user + 4 + 63)
+        if facts.minsigstksz not in (expect_ia32, expect_64):
+            notes.append(
+                f"disagreement: AT_MINSIGSTKSZ {facts.minsigstksz} vs {expect_ia32} expected for a "
+                f"{max_user}-byte XSAVE area (kernel.md §1.3)"
+            )
+    rule, note = sigreturn_rule(facts.release)
+    if sigreturn is not None:
+        rule, note = sigreturn, f"sigreturn rule set explicitly to {sigreturn}"
+    if note:
+        notes.append(note)
+    family, model = _family_model(facts)
+    profile = HostProfile(
+        name=name,
+        cpu=CpuInfo(vendor=_vendor(facts), family=family, model=model, model_name=facts.model_name),
+        kernel=KernelInfo(release=facts.release, sigreturn=rule),
+        xsave=XsaveInfo(
+            xcr0=user_xcr0,
+            user_size=user_size,
+            max_user_size=max_user,
+            dynamic=dynamic,
+            mxcsr_mask=facts.mxcsr_mask if facts.mxcsr_mask is not None else 0xFFFF,
+            components=comps,
+        ),
+        flags=tuple(facts.flags),
+        notes=tuple(notes),
+    )
+    validate(profile, name)
+    return profile
+
+
+def _round16(v: int) -> int:
+    return (v + 15) & ~15
+
+
+def probe_local(name: str, *, sigreturn: str | None = None) -> HostProfile:
+    from criu_xstate.x86.cpuid import probe_raw
+
+    return profile_from_facts(probe_raw(), name, sigreturn=sigreturn)
+
+
+# --- CRIU cpuinfo.img -------------------------------------------------------------------------------
+
+# compel x86_capability word 9 = CPUID 7.0 EBX, word 4 = CPUID 1 ECX: a few flags worth naming.
+_CAP_FLAGS = {
+    (0, 25): "sse",
+    (0, 26): "sse2",
+    (4, 0): "pni",
+    (4, 9): "ssse3",
+    (4, 19): "sse4_1",
+    (4, 20): "sse4_2",
+    (4, 26): "xsave",
+    (4, 28): "avx",
+    (4, 12): "fma",
+    (9, 5): "avx2",
+    (9, 16): "avx512f",
+    (9, 17): "avx512dq",
+    (9, 28): "avx512cd",
+    (9, 30): "avx512bw",
+    (9, 31): "avx512vl",
+    (11, 3): "pku",
+    (11, 4): "ospke",
+    (18, 24): "amx_tile",
+    (18, 22): "amx_bf16",
+    (18, 25): "amx_int8",
+}
+
+
+@dataclass(frozen=True)
+class PartialProfile:
+    """What a CRIU ``cpuinfo.img`` tells about the *source* host (criu.md §4)."""
+
+    vendor: str
+    family: int
+    model: int
+    model_name: str
+    xfeatures: int  # lacks bits 1 (SSE) and 3 (BNDREGS) by a CRIU quirk; SSE is added back
+    xsave_size: int  # CPUID 0xD.0 EBX (enabled features), not the signal-frame size
+    xsave_size_max: int
+    flags: tuple[str, ...]
+
+
+def profile_from_cpuinfo_img(entry: Any) -> PartialProfile:
+    vendor = {1: "GenuineIntel", 2: "AuthenticAMD"}.get(int(entry.vendor_id), "unknown")
+    words = [int(w) for w in entry.capability]
+    flags = sorted(
+        name for (word, bit), name in _CAP_FLAGS.items() if word < len(words) and words[word] >> bit & 1
+    )
+    return PartialProfile(
+        vendor=vendor,
+        family=int(entry.cpu_family),
+        model=int(entry.model),
+        model_name=bytes(entry.model_id).decode("utf-8", "replace"),
+        xfeatures=int(entry.xfeatures_mask) | 0x2,
+        xsave_size=int(entry.xsave_size),
+        xsave_size_max=int(entry.xsave_size_max),
+        flags=tuple(flags),
+    )
+
+
+# --- baseline and compare ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Difference:
+    kind: str  # component | flag | size | mxcsr | sigreturn | offset
+    subject: str
+    detail: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "subject": self.subject, "detail": self.detail}
+
+
+def compare(a: HostProfile, b: HostProfile) -> list[Difference]:
+    """What ``b`` lacks that ``a`` has (a checkpoint made on ``a`` restored on ``b``)."""
+    out: list[Difference] = []
+    for n in range(2, 64):
+        if a.xsave.xcr0 >> n & 1 and not b.xsave.xcr0 >> n & 1:
+            out.append(Difference("component", component_name(n), f"{a.name} enables it, {b.name} does not"))
+        elif a.xsave.xcr0 >> n & 1 and n in a.xsave.components and n in b.xsave.components:
+            ca, cb = a.xsave.components[n], b.xsave.components[n]
+            if ca.offset != cb.offset:
+                out.append(
+                    Difference(
+                        "offset",
+                        component_name(n),
+                        f"offset {ca.offset} on {a.name}, {cb.offset} on {b.name}",
+                    )
+                )
+    if b.xsave.user_size < a.xsave.user_size:
+        out.append(
+            Difference(
+                "size", "user_size", f"{a.xsave.user_size} on {a.name}, {b.xsave.user_size} on {b.name}"
+            )
+        )
+    lost = a.xsave.mxcsr_mask & ~b.xsave.mxcsr_mask
+    if lost:
+        out.append(Difference("mxcsr", "mxcsr_mask", f"bits 0x{lost:x} valid on {a.name} only"))
+    if b.kernel.sigreturn == "user-size" and a.kernel.sigreturn != "user-size":
+        out.append(
+            Difference(
+                "sigreturn", "kernel", f"{b.name} looks for magic2 at its user size (6.15 .. 7.1-rc5 rule)"
+            )
+        )
+    if b.flags:
+        for f in sorted(set(a.flags) - set(b.flags)):
+            out.append(Difference("flag", f, f"{a.name} has it, {b.name} does not"))
+    return out
+
+
+def baseline(
+    profiles: Sequence[HostProfile], name: str | None = None
+) -> tuple[HostProfile, dict[str, list[str]]]:
+    """One profile every host satisfies, and per host what it gave up."""
+    if not profiles:
+        raise ProfileError(None, "baseline needs at least one profile")
+    xcr0 = 0xFFFFFFFFFFFFFFFF
+    for p in profiles:
+        xcr0 &= p.xsave.xcr0
+    comps: dict[int, Component] = {}
+    conflicts: list[int] = []
+    notes: list[str] = []
+    for n in range(2, 64):
+        if not xcr0 >> n & 1:
+            continue
+        seen = {p.xsave.components[n] for p in profiles}
+        if len(seen) == 1:
+            comps[n] = next(iter(seen))
+        else:
+            comps[n] = min(seen, key=lambda c: c.offset)
+            conflicts.append(n)
+            where = ", ".join(f"{p.name}: {p.xsave.components[n].offset}" for p in profiles)
+            notes.append(f"{component_name(n)} offsets disagree ({where}): frames using it are refused")
+    user_size = min(p.xsave.user_size for p in profiles)
+    static_end = max([LEGACY_SIZE] + [c.offset + c.size for n, c in comps.items() if n != 18])
+    if user_size < static_end:
+        notes.append(f"smallest user size {user_size} is below the common components' end {static_end}")
+        user_size = static_end
+    strict = [p for p in profiles if p.kernel.sigreturn == "user-size"]
+    if len({p.xsave.user_size for p in strict}) > 1:
+        notes.append(
+            "hosts with the user-size sigreturn rule differ in user size: no single frame suits them all"
+        )
+    mask = 0xFFFFFFFF
+    for p in profiles:
+        mask &= p.xsave.mxcsr_mask
+    flag_sets = [set(p.flags) for p in profiles if p.flags]
+    flags = sorted(set.intersection(*flag_sets)) if flag_sets else []
+    dynamic = xcr0
+    for p in profiles:
+        dynamic &= p.xsave.dynamic
+    fleet = HostProfile(
+        name=name or "fleet-baseline",
+        cpu=CpuInfo(vendor=_common((p.cpu.vendor for p in profiles), "mixed")),
+        kernel=KernelInfo(release=None, sigreturn="user-size" if strict else "frame-size"),
+        xsave=XsaveInfo(
+            xcr0=xcr0,
+            user_size=user_size,
+            max_user_size=max(user_size, min(p.xsave.max_user_size for p in profiles)),
+            dynamic=dynamic,
+            mxcsr_mask=mask,
+            components=comps,
+            offset_conflicts=tuple(conflicts),
+        ),
+        flags=tuple(flags),
+        notes=tuple(notes),
+        members=tuple(p.name for p in profiles),
+    )
+    validate(fleet, fleet.name)
+    gave_up = {p.name: [f"{d.subject}: {d.detail}" for d in compare(p, fleet)] for p in profiles}
+    return fleet, gave_up
+
+
+def _common(values: Iterable[str], mixed: str) -> str:
+    s = set(values)
+    return s.pop() if len(s) == 1 else mixed
+
+
+def with_name(p: HostProfile, name: str) -> HostProfile:
+    return replace(p, name=name)
