@@ -411,9 +411,20 @@ def examine_frame_64(
                     "fpstate", True, f"fpstate 0x{fpstate:x}: magic1, xstate_size {sw.xstate_size}, magic2 ok"
                 )
             )
-    image_end = (fpstate + (sw.xstate_size if sw else 0) + 4) if fpstate else address + RT_SIGFRAME_SIZE
+    # The interrupted SP lies above the frame and its image when it is on the same stack (kernel.md
+    # §1.3); from an altstack it points to the other stack, and a relocated image may be anywhere.
+    frame_end = address + RT_SIGFRAME_SIZE
+    if fpstate and address < fpstate < isp:
+        frame_end = max(frame_end, fpstate + (sw.xstate_size if sw else 0) + 4)
+    region = memory.region_of(address)
+    same_stack = region is not None and region[0] <= isp < region[1]
     checks.append(
-        Check("interrupted_sp", isp >= image_end, f"interrupted sp 0x{isp:x} vs frame end 0x{image_end:x}")
+        Check(
+            "interrupted_sp",
+            isp >= frame_end if same_stack else isp != 0,
+            f"interrupted sp 0x{isp:x} vs frame end 0x{frame_end:x}"
+            + ("" if same_stack else " (other stack)"),
+        )
     )
     return SignalFrame(
         tid=tid,

@@ -1,0 +1,147 @@
+"""Plan -> file changes: where the patched bytes go in the images, and what a relocation adds.
+
+Pure with respect to the checkpoint: it reads the images (through the model) but writes nothing; the
+result is a list of :mod:`criu_xstate.transaction` changes.
+
+Relocation (research/kernel.md §0.1, §7.8): an XSAVE image that must grow cannot stay on the stack, so
+it moves to a new anonymous private mapping that the restored process will have: a VMA appended to
+``mm-<pid>.img``, a ``PE_PRESENT`` run appended to ``pagemap-<pid>.img`` and its pages appended to
+``pages-<id>.img``, placed above every existing mapping so that both lists stay in address order and
+the pages file only grows at its end. The frame's ``fpstate`` pointer is rewritten to the new image.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from criu_xstate.errors import ApplyError, MemoryUnreadable
+from criu_xstate.images.addrspace import PAGE, PE_PRESENT, VMA_ANON_PRIVATE, VMA_AREA_REGULAR
+from criu_xstate.images.framing import MM, Pagemap, encode_image
+from criu_xstate.images.pb import mm_pb2, pagemap_pb2
+from criu_xstate.model import CheckpointModel, Process
+from criu_xstate.plan import FrameAction, HostFacts, Plan
+from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
+from criu_xstate.translate import MemoryPatch, Relocation, frame_patches, pointer_patch
+
+TASK_SIZE = 0x7FFFFFFFF000
+PROT_READ_WRITE = 0x3
+MAP_PRIVATE_ANONYMOUS = 0x22
+GUARD = PAGE
+
+
+@dataclass(frozen=True)
+class ChangeSet:
+    changes: list[Change]
+    frames_rewritten: int
+    frames_relocated: int
+    relocation_vmas: list[tuple[int, int, int]]  # (pid, start, end)
+
+
+def _byte_edits(proc: Process, patch: MemoryPatch) -> list[ByteEdit]:
+    space = proc.address_space
+    try:
+        spans = space.locate(patch.vaddr, len(patch.new))
+        old = space.read(patch.vaddr, len(patch.new))
+    except MemoryUnreadable as exc:
+        raise ApplyError(f"pid {proc.pid}: cannot rewrite 0x{patch.vaddr:x}: {exc.reason}") from None
+    edits: list[ByteEdit] = []
+    pos = 0
+    for path, offset, length in spans:
+        edits.append(ByteEdit(path.name, offset, old[pos : pos + length], patch.new[pos : pos + length]))
+        pos += length
+    return edits
+
+
+def _relocate(proc: Process, relocs: list[Relocation]) -> tuple[list[Change], tuple[int, int]]:
+    """New mapping for the relocated images of one process, and the pointer patches into it."""
+    ck = proc.checkpoint
+    space = proc.address_space
+    mm = ck.mm(proc.pid)
+    pagemap = ck.pagemap(proc.pid)
+    layout: list[tuple[Relocation, int]] = []
+    offset = 0
+    for r in relocs:
+        offset = (offset + 63) & ~63
+        layout.append((r, offset))
+        offset += len(r.image)
+    size = (offset + PAGE - 1) // PAGE * PAGE
+    top = max((int(v.end) for v in mm.vmas if int(v.end) <= TASK_SIZE), default=0)
+    last_run = max((r.end for r in space.runs), default=0)
+    start = (max(top, last_run) + GUARD + PAGE - 1) // PAGE * PAGE
+    if start + size > TASK_SIZE:
+        raise ApplyError(f"pid {proc.pid}: no room above the highest mapping for a relocated XSAVE image")
+    pages_size = space.pages_path.stat().st_size if space.pages_path.exists() else 0
+    if pages_size != space.present_bytes:
+        raise ApplyError(
+            f"{space.pages_path}: {pages_size} bytes but the pagemap accounts for {space.present_bytes}: "
+            "refusing to append a relocated image"
+        )
+    data = bytearray(size)
+    for r, off in layout:
+        data[off : off + len(r.image)] = r.image
+
+    template = next((v for v in mm.vmas if int(v.status) & VMA_ANON_PRIVATE), None)
+    vma = mm_pb2.vma_entry()
+    if template is not None:
+        vma.CopyFrom(template)
+    vma.start = start
+    vma.end = start + size
+    vma.pgoff = 0
+    vma.shmid = 0
+    vma.prot = PROT_READ_WRITE
+    vma.flags = MAP_PRIVATE_ANONYMOUS
+    vma.status = VMA_AREA_REGULAR | VMA_ANON_PRIVATE
+    vma.fd = -1
+    vma.madv = 0
+    new_mm = mm_pb2.mm_entry()
+    new_mm.CopyFrom(mm)
+    del new_mm.vmas[:]
+    vmas = [*mm.vmas, vma]
+    new_mm.vmas.extend(sorted(vmas, key=lambda v: int(v.start)))  # CRIU requires address order
+    mm_path = ck.path_of(f"mm-{proc.pid}.img")
+    old_mm = mm_path.read_bytes()
+    mm_bytes = encode_image(MM.head, MM.magic, [new_mm.SerializeToString()])
+
+    entry = pagemap_pb2.pagemap_entry()
+    entry.vaddr = start
+    entry.flags = PE_PRESENT
+    modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pagemap.entries)
+    entry.compat_nr_pages = 0 if modern else size // PAGE
+    if modern:
+        entry.nr_pages = size // PAGE
+    new_pagemap = Pagemap(pagemap.raw, pagemap.head, (*pagemap.entries, entry))
+    pm_path = ck.path_of(f"pagemap-{proc.pid}.img")
+
+    changes: list[Change] = [
+        Append(space.pages_path.name, pages_size, bytes(data)),
+        FileWrite(pm_path.name, pm_path.read_bytes(), new_pagemap.encode()),
+        FileWrite(mm_path.name, old_mm, mm_bytes),
+    ]
+    for r, off in layout:
+        changes += _byte_edits(proc, pointer_patch(r, start + off))
+    return changes, (start, start + size)
+
+
+def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> ChangeSet:
+    procs = {p.pid: p for p in model.processes}
+    changes: list[Change] = []
+    relocs: dict[int, list[Relocation]] = defaultdict(list)
+    rewritten = 0
+    for t in plan.threads:
+        proc = procs[t.state.pid]
+        for d in t.frames:
+            if d.action not in (FrameAction.TRANSLATE, FrameAction.RELOCATE):
+                continue
+            patches, reloc = frame_patches(proc.pid, d, dest)
+            for p in patches:
+                changes += _byte_edits(proc, p)
+            if reloc is not None:
+                relocs[proc.pid].append(reloc)
+            rewritten += 1
+    vmas: list[tuple[int, int, int]] = []
+    for pid, rs in relocs.items():
+        more, (start, end) = _relocate(procs[pid], rs)
+        changes += more
+        vmas.append((pid, start, end))
+    return ChangeSet(changes, rewritten, sum(len(r) for r in relocs.values()), vmas)
