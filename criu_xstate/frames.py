@@ -358,6 +358,14 @@ def _signo_for(info_signo: int | None, pretcode: int, sigactions: Sequence[Sigac
     return None
 
 
+def _signo_from_masks(frame: SignalFrame, mask_during: int, sigactions: Sequence[Sigaction]) -> int | None:
+    """Without siginfo: the handled signal is blocked while its handler runs (unless SA_NODEFER) and was
+    not blocked before it (the frame's uc_sigmask). One candidate left names the signal."""
+    fresh = mask_during & ~frame.sigmask
+    owners = [sa.signo for sa in sigactions if sa.restorer and fresh >> (sa.signo - 1) & 1]
+    return owners[0] if len(owners) == 1 else None
+
+
 def examine_frame_64(
     memory: Memory, address: int, stack: StackKind, sigactions: Sequence[Sigaction], tid: int
 ) -> SignalFrame:
@@ -580,8 +588,13 @@ def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigac
 
     sp_stack = _stack_for(thread.sp, thread, memory, stacks)
     out: list[SignalFrame] = []
+    mask_during = thread.blocked  # the mask while the innermost handler runs
     for depth, addr in enumerate(live):
-        out.append(_with(examined[addr], Liveness.LIVE, depth))
+        frame = _with(examined[addr], Liveness.LIVE, depth)
+        if frame.signo is None:
+            frame = replace(frame, signo=_signo_from_masks(frame, mask_during, sigactions))
+        out.append(frame)
+        mask_during = frame.sigmask
     for addr in sorted(examined):
         if addr in live:
             continue

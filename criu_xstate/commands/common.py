@@ -19,8 +19,8 @@ def opened_model(path: str) -> Iterator[CheckpointModel]:
         yield load_model(ck)
 
 
-def use_colour(stream: object = sys.stdout) -> bool:
-    isatty = getattr(stream, "isatty", None)
+def use_colour(stream: object | None = None) -> bool:
+    isatty = getattr(stream if stream is not None else sys.stdout, "isatty", None)
     return bool(isatty and isatty())
 
 
