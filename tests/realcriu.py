@@ -6,6 +6,7 @@ root; :func:`skip_reason` says why they cannot run here, for ``pytest.skip``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -145,7 +146,7 @@ class Workload:
         while not done.exists():
             if not Path(f"/proc/{self.pid}").exists() or _is_zombie(self.pid):
                 lines = _lines(self.workdir / "result")
-                return lines + [f"DIED before finishing (pid {self.pid})"]
+                return [*lines, f"DIED before finishing (pid {self.pid})"]
             if time.monotonic() > deadline:
                 raise TimeoutError("workload did not finish")
             time.sleep(0.02)
@@ -153,10 +154,8 @@ class Workload:
         return _lines(self.workdir / "result")
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         if self._proc is not None and self._proc.poll() is None:
             self._proc.wait(timeout=10)
 

@@ -306,12 +306,9 @@ int main(int argc, char **argv)
 		report(gettid_(), 0, in, out);
 	} else {
 		load_signal_store(in, out, SIGUSR1);
-		if (!strcmp(mode, "stale")) {
-			report(gettid_(), 0, in, out);
-			wait_release();
-		} else {
-			report(gettid_(), 0, in, out);
-		}
+		if (!strcmp(mode, "stale"))
+			wait_release(); /* the frame is stale now; report after the restore */
+		report(gettid_(), 0, in, out);
 	}
 	write_file("done", "done\n");
 	return 0;

@@ -1,0 +1,171 @@
+"""Real CRIU dumps and restores on this machine; the workload checks its own registers (the oracle).
+
+The cross-layout proof uses this kernel as the destination: a live frame is rewritten into another
+vendor's layout (Ice Lake: MPX hole, 2696 bytes, relocated into a new mapping), which this kernel
+must restore FX-only (YMM upper halves lost); `apply` for this host must bring every register back.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from criu_xstate.cli import main
+from criu_xstate.images import open_checkpoint
+from criu_xstate.model import load_model
+from tests.realcriu import REPO, Unsupported, Workload, criu_path, results_ok, skip_reason
+
+pytestmark = [pytest.mark.criu, pytest.mark.slow]
+
+HOSTS = REPO / "contrib" / "hosts"
+ICX = str(HOSTS / "intel-icelake-sp.yaml")
+
+
+@pytest.fixture(scope="module")
+def here(tmp_path_factory: pytest.TempPathFactory) -> str:
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    path = tmp_path_factory.mktemp("host") / "here.yaml"
+    assert main(["probe", "-o", str(path), "--name", "this-host"]) == 0
+    return str(path)
+
+
+def _start(tmp_path: Path, mode: str, threads: int = 1) -> Workload:
+    wl = Workload(tmp_path / "wl", mode=mode, threads=threads, seed=11)
+    try:
+        return wl.start()
+    except Unsupported as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize(
+    ("mode", "threads"),
+    [
+        ("siginfo", 1),
+        ("plain", 1),
+        ("threads", 3),
+        ("nested", 1),
+        ("altstack", 1),
+        ("stale", 1),
+        ("nohandler", 1),
+    ],
+)
+def test_fresh_dump_frames_match_truth_and_restore_intact(
+    here: str, tmp_path: Path, mode: str, threads: int
+) -> None:
+    wl = _start(tmp_path, mode, threads)
+    images = tmp_path / "images"
+    try:
+        wl.dump(images)
+        with open_checkpoint(images) as ck:
+            model = load_model(ck)
+            live = {(f.tid, f.address) for t in model.threads() for f in t.frames.live}
+        expected = {(int(t["tid"]), int(t["frame"])) for t in wl.truths()}
+        assert live == (set() if mode == "stale" else expected)
+        assert main(["plan", str(images), "--dest", here]) == 0
+        wl.restore(images)
+        wl.release()
+        lines = wl.result()
+        assert results_ok(lines), lines
+        assert len(lines) == max(threads, 1) + (1 if mode == "nested" else 0)
+    finally:
+        wl.kill()
+
+
+def test_foreign_layout_frame_is_lost_without_apply_and_intact_with_it(here: str, tmp_path: Path) -> None:
+    wl = _start(tmp_path, "nested")
+    try:
+        d0, d1, d2 = tmp_path / "d0", tmp_path / "icx", tmp_path / "back"
+        wl.dump(d0)
+        assert main(["apply", str(d0), "--dest", ICX, "--out", str(d1)]) == 0
+        wl.restore(d1)  # Ice Lake layout on this host: xstate_size 2696 > user size -> FX-only
+        wl.release()
+        lost = wl.result()
+        assert lost and all("CORRUPT" in line and "hi" in line for line in lost), lost
+        assert main(["plan", str(d1), "--dest", here]) == 0
+        assert main(["apply", str(d1), "--dest", here, "--out", str(d2)]) == 0
+        wl.restore(d2)
+        wl.release()
+        assert results_ok(wl.result())
+    finally:
+        wl.kill()
+
+
+def test_hook_translates_at_pre_restore(here: str, tmp_path: Path) -> None:
+    wl = _start(tmp_path, "threads", 2)
+    try:
+        d0, d1 = tmp_path / "d0", tmp_path / "icx"
+        wl.dump(d0)
+        assert main(["apply", str(d0), "--dest", ICX, "--out", str(d1)]) == 0
+        script = tmp_path / "hook.sh"
+        script.write_text(f"#!/bin/sh\nCRIU_XSTATE_DEST={here} exec {REPO}/.venv/bin/criu-xstate hook\n")
+        script.chmod(0o755)
+        wl.restore(d1, "--action-script", str(script))
+        wl.release()
+        assert results_ok(wl.result())
+        assert json.loads((d1 / ".criu-xstate-journal.json").read_text())["state"] == "complete"
+    finally:
+        wl.kill()
+
+
+def test_hook_refusal_aborts_the_restore(tmp_path: Path) -> None:
+    if skip_reason():
+        pytest.skip(str(skip_reason()))
+    wl = _start(tmp_path, "siginfo")
+    try:
+        d0 = tmp_path / "d0"
+        wl.dump(d0)
+        script = tmp_path / "hook.sh"
+        zen2 = HOSTS / "amd-zen2.yaml"
+        script.write_text(f"#!/bin/sh\nCRIU_XSTATE_DEST={zen2} exec {REPO}/.venv/bin/criu-xstate hook\n")
+        script.chmod(0o755)
+        with pytest.raises(RuntimeError, match="failed"):
+            wl.restore(d0, "--action-script", str(script))
+        assert "Aborting restore due to pre-restore script" in (d0 / "restore.log").read_text()
+    finally:
+        wl.kill()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sleep", "600"],
+        ["python3", "-c", "import time\nwhile True: time.sleep(1)"],
+        ["bash", "-c", "while :; do sleep 1; done"],
+    ],
+)
+def test_ordinary_programs_have_no_live_frames(tmp_path: Path, argv: list[str]) -> None:
+    if skip_reason():
+        pytest.skip(str(skip_reason()))
+    proc = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    images = tmp_path / "images"
+    images.mkdir()
+    try:
+        import time
+
+        time.sleep(0.5)
+        r = subprocess.run(
+            [str(criu_path()), "dump", "-t", str(proc.pid), "-D", str(images), "-o", "dump.log"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, (images / "dump.log").read_text()[-2000:]
+        proc.wait(timeout=10)
+        with open_checkpoint(images) as ck:
+            model = load_model(ck)
+            assert [f for t in model.threads() for f in t.frames.live] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
