@@ -1,0 +1,154 @@
+"""Host profiles: probe against an independent C reading, --from-dump, validation, shipped profiles,
+baseline and compare."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from criu_xstate import hosts
+from criu_xstate.cli import main
+from criu_xstate.errors import ProfileError
+
+REPO = Path(__file__).parents[1]
+HOSTS = REPO / "contrib" / "hosts"
+
+
+def _gcc(src: Path, out: Path) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not installed")
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(out), str(src)], check=True, capture_output=True)
+    return out
+
+
+def test_probe_agrees_with_an_independent_c_reading(tmp_path: Path) -> None:
+    exe = _gcc(REPO / "tests" / "probe_helpers" / "cpuid_print.c", tmp_path / "cpuid_print")
+    facts: dict[str, str] = {}
+    comps: dict[int, tuple[int, int]] = {}
+    for line in subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines():
+        k, *v = line.split()
+        if k == "component":
+            comps[int(v[0])] = (int(v[1]), int(v[2]))
+        else:
+            facts[k] = v[0]
+    p = hosts.probe_local("t")
+    xcr0 = int(facts["xcr0"], 16)
+    assert p.xsave.xcr0 == xcr0 & ~0xFF00  # supervisor bits never appear in XCR0 anyway
+    assert p.xsave.max_user_size == int(facts["xsave_size"])
+    assert p.xsave.mxcsr_mask == int(facts["mxcsr_mask"], 16)
+    assert {n: (c.offset, c.size) for n, c in p.xsave.components.items()} == {
+        n: oc for n, oc in comps.items() if xcr0 >> n & 1
+    }
+    # AT_MINSIGSTKSZ = round_up(736 + 15 + max_size + 4 + 112 + 63, 16) with IA32 emulation (kernel.md §1.3)
+    assert int(facts["minsigstksz"]) == (736 + 15 + p.xsave.max_user_size + 4 + 112 + 63 + 15) & ~15
+    assert not [n for n in p.notes if n.startswith("disagreement")]
+
+
+def test_probe_from_dump_equals_probe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exe = _gcc(REPO / "contrib" / "probe-dump" / "probe-dump.c", tmp_path / "probe-dump")
+    dump = tmp_path / "dump.txt"
+    dump.write_text(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout)
+    assert main(["probe", "--from-dump", str(dump), "--name", "x", "-o", str(tmp_path / "a.yaml")]) == 0
+    assert main(["probe", "--name", "x", "-o", str(tmp_path / "b.yaml")]) == 0
+    a, b = hosts.load_profile(tmp_path / "a.yaml"), hosts.load_profile(tmp_path / "b.yaml")
+    assert a.xsave == b.xsave and a.cpu == b.cpu and a.kernel == b.kernel and a.flags == b.flags
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("path", sorted(HOSTS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_profiles_validate_and_name_sources(path: Path) -> None:
+    p = hosts.load_profile(path)
+    assert p.name == path.stem
+    assert path.read_text().startswith("#"), "each profile names its sources in a comment"
+
+
+BASE = {
+    "schema": "criu-xstate/host/v1",
+    "name": "t",
+    "xsave": {"xcr0": "0x7", "user_size": 832, "components": {2: {"offset": 576, "size": 256}}},
+}
+
+
+@pytest.mark.parametrize(
+    ("patch", "expect"),
+    [
+        ({"bogus": 1}, "unknown key"),
+        ({"xsave": {**BASE["xsave"], "xcr0": "0x27"}}, "lacks offsets"),  # type: ignore[dict-item]
+        ({"xsave": {**BASE["xsave"], "user_size": 700}}, "smaller than"),  # type: ignore[dict-item]
+        (
+            {
+                "xsave": {
+                    **BASE["xsave"],
+                    "components": {2: {"offset": 576, "size": 256}, 5: {"offset": 800, "size": 64}},
+                    "xcr0": "0x27",
+                }
+            },
+            "overlap",
+        ),
+        ({"xsave": {**BASE["xsave"], "components": {9: {"offset": 832, "size": 8}}}}, "not in xcr0"),  # type: ignore[dict-item]
+        ({"xsave": {**BASE["xsave"], "xcr0": "zz"}}, "not a number"),  # type: ignore[dict-item]
+        ({"schema": "v0"}, "schema"),
+        ({"kernel": {"sigreturn": "maybe"}}, "sigreturn"),
+    ],
+)
+def test_invalid_profiles_are_refused_clearly(tmp_path: Path, patch: dict[str, object], expect: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **patch}))
+    with pytest.raises(ProfileError, match=expect):
+        hosts.load_profile(path)
+
+
+def test_profile_round_trip(tmp_path: Path) -> None:
+    p = hosts.load_profile(HOSTS / "intel-sapphire-rapids.yaml")
+    out = tmp_path / "x.yaml"
+    out.write_text(hosts.dump_profile(p))
+    assert hosts.load_profile(out) == p
+
+
+def test_baseline_spr_zen4_here(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = [
+        HOSTS / "intel-sapphire-rapids.yaml",
+        HOSTS / "amd-zen4.yaml",
+        HOSTS / "this-machine-zen4-epyc-vm.yaml",
+    ]
+    fleet, gave_up = hosts.baseline([hosts.load_profile(f) for f in files])
+    assert fleet.xsave.xcr0 == 0xE7  # no PKRU here, no AMX on AMD
+    assert fleet.xsave.offset_conflicts == (5, 6, 7)  # Intel keeps the MPX hole, AMD does not
+    assert fleet.xsave.user_size == 2432 and fleet.xsave.mxcsr_mask == 0xFFFF
+    assert any("AMX XTILEDATA" in g for g in gave_up["intel-sapphire-rapids"])
+    assert any("PKRU" in g for g in gave_up["amd-zen4"])
+    mine = gave_up["this-machine-zen4-epyc-vm"]
+    assert any(g.startswith("mxcsr_mask") for g in mine)  # AMD's MM bit: Intel lacks it
+    assert not any(g.startswith(("AVX", "PKRU", "AMX", "user_size")) for g in mine)  # no XSAVE state lost
+    out = tmp_path / "fleet.yaml"
+    assert main(["baseline", *map(str, files), "-o", str(out)]) == 0
+    assert hosts.load_profile(out).xsave.offset_conflicts == (5, 6, 7)
+    capsys.readouterr()
+
+
+def test_compare_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["compare", str(HOSTS / "intel-sapphire-rapids.yaml"), str(HOSTS / "amd-zen3.yaml")])
+    out = capsys.readouterr().out
+    assert rc == 1 and "AVX-512 opmask" in out and "AMX XTILEDATA" in out and "avx512f" in out
+    assert main(["compare", str(HOSTS / "amd-zen3.yaml"), str(HOSTS / "amd-zen4.yaml")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("release", "rule"),
+    [
+        ("6.12.117", "frame-size"),
+        ("6.16.3", "user-size"),
+        ("7.0.1", "user-size"),
+        ("6.18.44-fc", "frame-size"),
+        ("6.18.10", "user-size"),
+        ("7.1-rc5", "user-size"),
+        ("7.1-rc6", "frame-size"),
+        ("7.2.13", "frame-size"),
+    ],
+)
+def test_sigreturn_rule_from_release(release: str, rule: str) -> None:
+    assert hosts.sigreturn_rule(release)[0] == rule
