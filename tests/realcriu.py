@@ -144,7 +144,8 @@ class Workload:
         deadline = time.monotonic() + timeout
         done = self.workdir / "done"
         while not done.exists():
-            if not Path(f"/proc/{self.pid}").exists() or _is_zombie(self.pid):
+            gone = not Path(f"/proc/{self.pid}").exists() or _is_zombie(self.pid)
+            if gone and not done.exists():  # re-checked after death: it may have finished in between
                 lines = _lines(self.workdir / "result")
                 return [*lines, f"DIED before finishing (pid {self.pid})"]
             if time.monotonic() > deadline:
