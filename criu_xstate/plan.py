@@ -113,6 +113,12 @@ class HostFacts:
     sigreturn: str = "frame-size"  # or "user-size" (6.15 .. 7.1-rc5 without the revert)
     flags: frozenset[str] = frozenset()
     offset_conflicts: frozenset[int] = frozenset()  # fleet: components whose offsets differ between hosts
+    dynamic: int = 0  # features a new task lacks until ARCH_REQ_XCOMP_PERM (AMX tile data)
+
+    @property
+    def default_xfeatures(self) -> int:
+        """The ``xfeatures`` a kernel-built frame of a new task on this host carries."""
+        return self.xcr0 & ~self.dynamic
 
     def size_for(self, mask: int) -> int:
         """End of the highest-placed component of ``mask`` (at least the 576-byte legacy+header)."""
@@ -306,22 +312,38 @@ def infer_source_offsets(
     task had no tile data (default user size). ``hint`` (a ``--src`` profile) wins when it fits.
     """
     mask = xfeatures & ~LEGACY
+    if mask >> APX & 1 and mask >> BNDREGS & 1:
+        return None  # APX and MPX share 960: no real CPU enumerates both
     candidates: list[Mapping[int, tuple[int, int]]] = []
     if hint is not None:
         candidates.append(hint)
     candidates += [INTEL_OFFSETS, AMD_OFFSETS]
     for table in candidates:
-        if 19 in bits(mask) and 3 in bits(mask):
-            return None  # APX and MPX share 960: no real CPU enumerates both
         if _layout_end(table, mask) == xstate_size:
             return {n: table[n] for n in bits(mask) if n >= 2}
         # AMX task without tile-data permission: the frame ends before XTILEDATA
         if mask >> XTILEDATA & 1 and _layout_end(table, mask & ~(1 << XTILEDATA)) == xstate_size:
             return {n: table[n] for n in bits(mask & ~(1 << XTILEDATA)) if n >= 2}
+    # A frame sized larger than its features need (a rewritten one, or a handler's own): the layout is
+    # known only if every table that fits agrees on where each component sits.
+    fitting = [t for t in candidates if (end := _layout_end(t, mask)) is not None and end <= xstate_size]
+    layouts = [{n: t[n] for n in bits(mask) if n >= 2} for t in fitting]
+    if layouts and all(lay == layouts[0] for lay in layouts):
+        return layouts[0]
     return None
 
 
 # --- component state in a frame -------------------------------------------------------------------
+
+
+# Bytes of a component that hold architectural state; the rest of its XSAVE slot is padding that XSAVE
+# does not write (stack garbage in a signal frame). BNDCSR: BNDCFGU + BNDSTATUS = 16 of 64 bytes
+# (SDM vol. 1 §13.5.4); PKRU: 4 of 8 bytes. Seen in a QEMU TCG guest's nested frames.
+STATE_BYTES = {BNDCSR: 16, PKRU: 4}
+
+
+def state_bytes(n: int, size: int) -> int:
+    return min(size, STATE_BYTES.get(n, size))
 
 
 def frame_components(frame: SignalFrame, offsets: Mapping[int, tuple[int, int]]) -> dict[int, ComponentState]:
@@ -332,7 +354,7 @@ def frame_components(frame: SignalFrame, offsets: Mapping[int, tuple[int, int]])
         if n < 2 or n not in offsets:
             continue
         off, size = offsets[n]
-        data = frame.image[off : off + size]
+        data = frame.image[off : off + state_bytes(n, size)]
         out[n] = ComponentState(n, off, size, in_use=any(data))
     return out
 

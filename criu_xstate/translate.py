@@ -27,7 +27,7 @@ from criu_xstate.frames import (
     SW_BYTES_OFFSET,
     XSAVE_HEADER_OFFSET,
 )
-from criu_xstate.plan import PKRU, FrameAction, FrameDecision, HostFacts, bits
+from criu_xstate.plan import PKRU, FrameAction, FrameDecision, HostFacts, bits, state_bytes
 
 LEGACY_COPY = SW_BYTES_OFFSET  # bytes 0..463: FXSAVE state and its reserved tail; sw bytes are rebuilt
 
@@ -70,7 +70,11 @@ def normalized_image(decision: FrameDecision, dest: HostFacts) -> bytes:
     bv = (frame.xstate_bv or 0) & keep
     out = bytearray(target + 4)
     out[:LEGACY_COPY] = src[:LEGACY_COPY]
-    struct.pack_into("<IIQI", out, SW_BYTES_OFFSET, FP_XSTATE_MAGIC1, target + 4, keep, target)
+    # At the destination's own size the frame says what a native one would (xfeatures = the host's
+    # default features): bits beyond ``keep`` are absent from xstate_bv, so the kernel initializes
+    # them, exactly as dropping them from xfeatures would, and the frame stays self-describing.
+    xfeatures = dest.default_xfeatures if target == dest.user_size else keep
+    struct.pack_into("<IIQI", out, SW_BYTES_OFFSET, FP_XSTATE_MAGIC1, target + 4, xfeatures, target)
     for n in bits(keep):
         if n < 2:
             continue
@@ -88,7 +92,8 @@ def normalized_image(decision: FrameDecision, dest: HostFacts) -> bytes:
         s_off, s_size = decision.source_offsets[n]
         if s_size != d_size:
             raise TranslateError(f"component {n} is {s_size} bytes in the frame, {d_size} on the destination")
-        out[d_off : d_off + d_size] = src[s_off : s_off + s_size]
+        n_state = state_bytes(n, d_size)  # padding stays zero: never copy stack garbage
+        out[d_off : d_off + n_state] = src[s_off : s_off + n_state]
     struct.pack_into("<QQ", out, XSAVE_HEADER_OFFSET, bv, 0)
     struct.pack_into("<I", out, target, FP_XSTATE_MAGIC2)
     return bytes(out)

@@ -91,7 +91,9 @@ def test_same_host_frame_is_compatible() -> None:
 def test_layout_inference_by_vendor() -> None:
     assert infer_source_offsets(0xE7, 2432) == {2: (576, 256), 5: (832, 64), 6: (896, 512), 7: (1408, 1024)}
     assert infer_source_offsets(0x2E7, 2696)[5] == (1088, 64)  # type: ignore[index]
-    assert infer_source_offsets(0x7, 1000) is None
+    assert infer_source_offsets(0x7, 1000) == {2: (576, 256)}  # oversized, but AVX sits at 576 everywhere
+    assert infer_source_offsets(0x27, 2000) is None  # opmask: 1088 on Intel, 832 on AMD, both fit
+    assert infer_source_offsets(0x27, 900) == {2: (576, 256), 5: (832, 64)}  # only AMD's layout fits
 
 
 def test_bigger_source_shrinks_in_place_dropping_init_avx512() -> None:
@@ -187,7 +189,7 @@ def test_amd_mxcsr_bit_on_intel_is_refused() -> None:
 
 
 def test_unknown_layout_is_refused_with_a_remedy() -> None:
-    f = built_frame(0x7, 1024, 0x7, YMM, offsets={2: (576, 256)})
+    f = built_frame(0x27, 2000, 0x7, YMM, offsets={2: (576, 256)})
     d = plan_frame(f, ZEN4)
     assert d.action is FrameAction.REFUSE and "SOURCE_LAYOUT_UNKNOWN" in codes(d)
     assert d.findings[0].remedy
@@ -230,3 +232,11 @@ def test_unreadable_stack_is_a_refusal_naming_the_thread() -> None:
     state = ThreadState(5, 6, False, 0x7, unreadable=("stack: lazy page not in the image",))
     (f,) = plan_thread_state(state, SMALL)
     assert f.code == "STACK_UNREADABLE" and "tid 6" in f.subject and "lazy" in f.detail
+
+
+def test_padding_after_bndcsr_state_is_not_data() -> None:
+    """XSAVE writes 16 of BNDCSR's 64 bytes; the rest is stack garbage (seen in a QEMU guest)."""
+    garbage = bytes(16) + b"S\x00I\x00" + bytes(44)
+    f = built_frame(0x21F, 2696, 0x217, {**YMM, 4: garbage, 9: struct.pack("<Q", INIT_PKRU)})
+    d = plan_frame(f, SMALL)
+    assert d.action is FrameAction.TRANSLATE and "COMPONENT_INIT_DROPPED" in codes(d)

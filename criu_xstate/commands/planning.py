@@ -28,7 +28,8 @@ def facts_from_profile(profile: hosts.HostProfile) -> HostFacts:
         offsets={n: (c.offset, c.size) for n, c in xs.components.items()},
         sigreturn=profile.kernel.sigreturn,
         flags=frozenset(profile.flags),
-        offset_conflicts=frozenset(getattr(xs, "offset_conflicts", None) or ()),
+        offset_conflicts=frozenset(xs.offset_conflicts),
+        dynamic=xs.dynamic,
     )
 
 

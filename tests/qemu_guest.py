@@ -1,0 +1,284 @@
+"""Run real CRIU inside a QEMU guest whose CPU has other XSAVE features than this machine.
+
+The guest is Debian bookworm's 6.1 cloud kernel booted straight into an initramfs built here (newc
+cpio written in Python): busybox, trixie's CRIU 4.1.1 prefix (the same one the host uses), the static
+workloads and probe-dump, the netfilter/diag modules CRIU's feature checks need, and an ``/init`` that
+runs a scenario script and sends ``/out`` back as a base64 tar on the serial console between marker
+lines, then powers off. Traps (research/qemu-criu-notes.md): loopback must be up, nf_tables loaded,
+the workload a session leader, guest pids kept clear of the host's, and guest workloads run as an
+unprivileged uid (a guest root task holds CAP_SYS_RESOURCE, which this host cannot grant on restore).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.realcriu import CACHE, REPO, build_workload
+
+GUEST = CACHE / "guest"
+KERNEL_META = "linux-image-cloud-amd64"  # bookworm's current 6.1 cloud kernel (frame-size sigreturn rule)
+BUSYBOX_PKG = "busybox-static"
+BEGIN, END = "===CRIU-XSTATE-OUT-BEGIN===", "===CRIU-XSTATE-OUT-END==="
+# Paths shared by guest and host: a restored process reopens its files by path.
+SHARED = "/tmp/criu-xstate-qemu"
+MODULES = [
+    "lib/libcrc32c.ko",
+    "net/netfilter/nfnetlink.ko",
+    "net/netfilter/nf_tables.ko",
+    "net/ipv4/inet_diag.ko",
+    "net/ipv4/tcp_diag.ko",
+    "net/ipv4/udp_diag.ko",
+    "net/ipv4/raw_diag.ko",
+    "net/unix/unix_diag.ko",
+    "net/netlink/netlink_diag.ko",
+    "net/packet/af_packet_diag.ko",
+    "drivers/net/tun.ko",
+    "drivers/net/veth.ko",
+]
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+/bin/busybox chmod 755 /  # the host restoring guest dumps has a 0755 root
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /tmp /out
+mount -t devpts devpts /dev/pts
+ifconfig lo 127.0.0.1 up
+for m in $(cat /modules.list); do insmod /mods/$(basename $m) 2>/dev/null; done
+echo $(( 20000 + $(od -An -N2 -tu2 /dev/urandom) % 10000 )) > /proc/sys/kernel/ns_last_pid
+echo "minsigstksz $(grep -c . /proc/self/auxv)" > /dev/null
+sh /scenario.sh > /out/scenario.log 2>&1
+echo "scenario exit $?" >> /out/scenario.log
+dmesg > /out/dmesg.txt
+echo
+echo ===CRIU-XSTATE-OUT-BEGIN===
+tar -C /out -cf - . | base64
+echo ===CRIU-XSTATE-OUT-END===
+poweroff -f
+"""
+
+
+def skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "QEMU guest tests need root (CRIU dumps)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 not installed (scripts/setup-dev installs it)"
+    if not (CACHE / "criu-4.1.1" / "usr" / "sbin" / "criu").exists():
+        return "no CRIU prefix: run scripts/get-criu"
+    return None
+
+
+def fetch_guest() -> tuple[Path, Path]:
+    """Debian's kernel and busybox, unpacked under .cache/guest (apt-get download; no system change)."""
+    root = GUEST / "root"
+    kernels = sorted((root / "boot").glob("vmlinuz-*")) if root.exists() else []
+    if not kernels or not (root / "bin" / "busybox").exists():
+        GUEST.mkdir(parents=True, exist_ok=True)
+        deps = subprocess.run(
+            ["apt-cache", "depends", KERNEL_META], capture_output=True, text=True, check=True
+        )
+        kernel_pkg = re.findall(r"Depends: (linux-image-\S+)", deps.stdout)
+        if not kernel_pkg:
+            raise RuntimeError(f"apt-cache depends {KERNEL_META} names no kernel: run apt-get update")
+        subprocess.run(
+            ["apt-get", "download", "-qq", kernel_pkg[0], BUSYBOX_PKG],
+            cwd=GUEST,
+            check=True,
+            capture_output=True,
+        )
+        for deb in GUEST.glob("*.deb"):
+            subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    return kernels[-1], root
+
+
+class _Newc:
+    """A cpio "newc" archive, the initramfs format."""
+
+    def __init__(self) -> None:
+        self.buf = io.BytesIO()
+        self.ino = 1
+        self.seen: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes = b"") -> None:
+        self.ino += 1
+        namez = name.encode() + b"\0"
+        hdr = "070701" + "".join(
+            f"{v:08x}" for v in (self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(namez), 0)
+        )
+        self.buf.write(hdr.encode() + namez)
+        self.buf.write(b"\0" * (-(110 + len(namez)) % 4))
+        self.buf.write(data)
+        self.buf.write(b"\0" * (-len(data) % 4))
+
+    def dir(self, name: str) -> None:
+        parts = name.strip("/").split("/")
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d and d not in self.seen:
+                self.seen.add(d)
+                self._entry(d, stat.S_IFDIR | 0o755)
+
+    def file(self, name: str, data: bytes, mode: int = 0o755) -> None:
+        name = name.strip("/")
+        self.dir(os.path.dirname(name))
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        name = name.strip("/")
+        self.dir(os.path.dirname(name))
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def tree(self, src: Path, dest: str) -> None:
+        for path in sorted(src.rglob("*")):
+            rel = f"{dest.strip('/')}/{path.relative_to(src)}"
+            if path.is_symlink():
+                self.symlink(rel, os.readlink(path))
+            elif path.is_dir():
+                self.dir(rel)
+            else:
+                self.file(rel, path.read_bytes(), path.stat().st_mode & 0o777)
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0)
+        return self.buf.getvalue()
+
+
+def build_initramfs(scenario: str, files: dict[str, Path], out: Path) -> Path:
+    _, root = fetch_guest()
+    kver = next((root / "lib" / "modules").iterdir()).name
+    cpio = _Newc()
+    for d in ("proc", "sys", "dev", "tmp", "out", "mods", "root", SHARED):
+        cpio.dir(d)
+    cpio.file("bin/busybox", (root / "bin" / "busybox").read_bytes())
+    cpio.file("init", INIT.encode())
+    cpio.file("scenario.sh", scenario.encode())
+    prefix = CACHE / "criu-4.1.1"
+    cpio.tree(prefix / "usr" / "lib" / "x86_64-linux-gnu", "criu/usr/lib/x86_64-linux-gnu")
+    cpio.file("criu/usr/sbin/criu", (prefix / "usr" / "sbin" / "criu").read_bytes())
+    cpio.file("criu/criu", (prefix / "criu").read_bytes())
+    cpio.file("etc/passwd", b"root:x:0:0::/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n", 0o644)
+    cpio.file("etc/group", b"root:x:0:\nuser:x:1000:\n", 0o644)
+    mods = []
+    for m in MODULES:
+        src = root / "lib" / "modules" / kver / "kernel" / m
+        if src.exists():
+            cpio.file(f"mods/{src.name}", src.read_bytes(), 0o644)
+            mods.append(src.name)
+    cpio.file("modules.list", "\n".join(mods).encode() + b"\n", 0o644)
+    for dest, src in files.items():
+        cpio.file(dest, src.read_bytes(), 0o755)
+    out.write_bytes(cpio.finish())
+    return out
+
+
+@dataclass
+class GuestResult:
+    out: Path
+    console: str
+    seconds: float
+
+    @property
+    def xstate_line(self) -> str:
+        m = re.search(r"x86/fpu: Enabled xstate features .*", self.console + self.dmesg)
+        return m.group(0) if m else ""
+
+    @property
+    def dmesg(self) -> str:
+        p = self.out / "dmesg.txt"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    @property
+    def log(self) -> str:
+        p = self.out / "scenario.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def run_guest(
+    scenario: str,
+    files: dict[str, Path],
+    workdir: Path,
+    *,
+    cpu: str = "max",
+    accel: str = "tcg",
+    timeout: float = 300.0,
+    memory: str = "1G",
+) -> GuestResult:
+    kernel, _ = fetch_guest()
+    workdir.mkdir(parents=True, exist_ok=True)
+    initrd = build_initramfs(scenario, files, workdir / "initrd.cpio")
+    cmd = [
+        "qemu-system-x86_64",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        memory,
+        "-smp",
+        "1",
+        "-nographic",
+        "-no-reboot",
+        "-kernel",
+        str(kernel),
+        "-initrd",
+        str(initrd),
+        "-append",
+        "console=ttyS0 panic=-1 quiet loglevel=4",
+    ]
+    start = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    console = r.stdout.decode(errors="replace").replace("\r", "")
+    seconds = time.monotonic() - start
+    (workdir / "console.log").write_text(console)
+    m = re.search(re.escape(BEGIN) + r"\n(.*?)\n" + re.escape(END), console, re.S)
+    out = workdir / "out"
+    if m is None:
+        raise RuntimeError(
+            f"guest produced no output tar (exit {r.returncode}); console tail:\n{console[-3000:]}"
+        )
+    data = base64.b64decode("".join(m.group(1).split()))
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(out, filter="data")
+    return GuestResult(out, console, seconds)
+
+
+def dump_scenario(mode: str = "siginfo", seed: int = 11) -> str:
+    """Start the workload as uid 1000 inside its handler, dump it with CRIU, keep its ground truth."""
+    return f"""
+W={SHARED}/wl
+mkdir -p $W && chown 1000:1000 $W
+/bin/probe-dump > /out/probe.txt
+su -s /bin/sh user -c "setsid {SHARED}/bin/ymm_handler $W {seed} {mode} </dev/null >/dev/null 2>&1 &"
+for i in $(seq 1 300); do [ -e $W/ready ] && break; sleep 0.1; done
+sleep 0.2
+PID=$(pidof ymm_handler)
+echo "workload pid $PID"
+mkdir -p /out/images
+/criu/criu dump -t $PID -D /out/images -o dump.log -v4
+echo "dump exit $?"
+cp $W/truth-*.json /out/ 2>/dev/null
+"""
+
+
+def guest_files() -> dict[str, Path]:
+    probe = CACHE / "workloads" / "probe-dump"
+    src = REPO / "contrib" / "probe-dump" / "probe-dump.c"
+    if not probe.exists() or probe.stat().st_mtime < src.stat().st_mtime:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["gcc", "-static", "-O2", "-o", str(probe), str(src)], check=True, capture_output=True)
+    return {f"{SHARED}/bin/ymm_handler": build_workload(), "bin/probe-dump": probe}

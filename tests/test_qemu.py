@@ -1,0 +1,134 @@
+"""Cross-host proof on real kernels: dump in a QEMU TCG `-cpu max` guest (XSAVE 0x21f: PKRU, MPX,
+Intel layout, 2696 bytes), restore on this machine with real CRIU. The workload checks its own YMM
+registers after its handler returns: without `apply` the kernel here restores the foreign frame
+FX-only (YMM upper halves lost); with `apply` every register is intact. A process using protection
+keys in the guest must be refused for a host without them, and `apply` must then change nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from criu_xstate import hosts
+from criu_xstate.cli import main
+from criu_xstate.x86.cpuid import parse_dump
+from tests import qemu_guest
+from tests.qemu_guest import SHARED, GuestResult, dump_scenario, guest_files, run_guest
+from tests.realcriu import REPO, criu, skip_reason
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+HOSTS = REPO / "contrib" / "hosts"
+
+
+@pytest.fixture(scope="module")
+def here(tmp_path_factory: pytest.TempPathFactory) -> str:
+    reason = qemu_guest.skip_reason() or skip_reason()
+    if reason:
+        pytest.skip(reason)
+    path = tmp_path_factory.mktemp("host") / "here.yaml"
+    assert main(["probe", "-o", str(path), "--name", "this-host"]) == 0
+    return str(path)
+
+
+@cache
+def guest_dump(mode: str, workdir: str) -> GuestResult:
+    threads = " 3" if mode == "threads" else ""
+    return run_guest(dump_scenario(mode + threads), guest_files(), Path(workdir) / f"guest-{mode}")
+
+
+def _dump(mode: str, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
+    result = guest_dump(mode, str(tmp_path_factory.getbasetemp()))
+    if "dump exit 0" not in result.log:
+        if "exit 77" in result.log or not list(result.out.glob("truth-*.json")):
+            pytest.skip(f"guest could not run workload mode {mode}: {result.log[-300:]}")
+        raise AssertionError(f"guest dump failed:\n{result.log[-2000:]}")
+    return result
+
+
+def _prepare_host_paths() -> None:
+    """The restored process reopens its binary and work directory by the guest's paths."""
+    wl = Path(SHARED) / "wl"
+    shutil.rmtree(wl, ignore_errors=True)
+    wl.mkdir(parents=True)
+    os.chown(wl, 1000, 1000)
+    (Path(SHARED) / "bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(guest_files()[f"{SHARED}/bin/ymm_handler"], Path(SHARED) / "bin" / "ymm_handler")
+
+
+def _restore_and_check(images: Path) -> list[str]:
+    _prepare_host_paths()
+    pids = {int(json.loads(t.read_text())["pid"]) for t in images.parent.glob("truth-*.json")}
+    (pid,) = pids
+    criu("restore", "-D", str(images), "-d", log_dir=images, log="restore.log")
+    os.kill(pid, signal.SIGUSR2)
+    done = Path(SHARED) / "wl" / "done"
+    deadline = time.monotonic() + 20
+    while not done.exists() and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    result = Path(SHARED) / "wl" / "result"
+    lines = result.read_text().splitlines() if result.exists() else []
+    return lines if done.exists() else [*lines, "DIED"]
+
+
+def test_guest_profile_matches_the_guest_kernel(here: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    g = _dump("siginfo", tmp_path_factory)
+    facts = parse_dump((g.out / "probe.txt").read_text(), "probe.txt")
+    profile = hosts.profile_from_facts(facts, "qemu-guest")
+    line = g.xstate_line
+    assert (
+        f"features 0x{profile.xsave.xcr0:x}," in line and f"size is {profile.xsave.user_size} bytes" in line
+    )
+    assert not [n for n in profile.notes if n.startswith("disagreement")], (
+        profile.notes
+    )  # AT_MINSIGSTKSZ agrees
+    shipped = hosts.load_profile(HOSTS / "qemu-tcg-max.yaml")
+    assert profile.xsave.xcr0 == shipped.xsave.xcr0 and profile.xsave.components == shipped.xsave.components
+    assert profile.xsave.user_size == shipped.xsave.user_size
+
+
+@pytest.mark.parametrize("mode", ["siginfo", "threads", "nested", "altstack"])
+def test_guest_frames_lost_without_apply_intact_with_it(
+    here: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, mode: str
+) -> None:
+    g = _dump(mode, tmp_path_factory)
+    truths = [json.loads(p.read_text()) for p in g.out.glob("truth-*.json")]
+    assert {t["xstate_size"] for t in truths} == {2696} and {t["xfeatures"] for t in truths} == {0x21F}
+    raw = tmp_path / "raw" / "images"
+    shutil.copytree(g.out / "images", raw)
+    for t in g.out.glob("truth-*.json"):
+        shutil.copy2(t, raw.parent)
+    lost = _restore_and_check(raw)
+    assert lost and all("CORRUPT" in line for line in lost if not line.endswith("DIED")), lost
+
+    fixed = tmp_path / "fixed" / "images"
+    assert main(["apply", str(g.out / "images"), "--dest", here, "--out", str(fixed)]) == 0
+    for t in g.out.glob("truth-*.json"):
+        shutil.copy2(t, fixed.parent)
+    ok = _restore_and_check(fixed)
+    assert ok and all(line.endswith(" OK") for line in ok), ok
+
+
+def test_pkeys_in_use_is_refused_and_apply_changes_nothing(
+    here: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if hosts.load_profile(Path(here)).xsave.xcr0 >> 9 & 1:
+        pytest.skip("this host has protection keys: the refusal needs a destination without them")
+    g = _dump("pkeys", tmp_path_factory)
+    images = tmp_path / "images"
+    shutil.copytree(g.out / "images", images)
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    assert main(["plan", str(images), "--dest", here, "--json"]) == 1
+    plan = json.loads(capsys.readouterr().out)
+    codes = {r["code"] for t in plan["threads"] for f in t["frames"] for r in f["reasons"]}
+    assert "PKRU_IN_USE_DEST_NO_PKEYS" in codes and plan["verdict"] == "refuse"
+    assert main(["apply", str(images), "--dest", here, "--in-place"]) == 1
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before
