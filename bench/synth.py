@@ -1,0 +1,98 @@
+"""Build a large synthetic CRIU checkpoint: one process, N threads each parked in a signal handler on
+its own stack, plus an anonymous mapping of M GiB whose pages are all "present" (a sparse pages file,
+so it costs no disk). The images are real CRIU framing and protobuf; the frames are kernel-style
+(tests/framebuild.py placement)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from criu_xstate.images.framing import CORE, INVENTORY, MM, PAGEMAP, PSTREE, encode_image
+from criu_xstate.images.pb import core_pb2, inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2
+from tests.framebuild import RESTORER, xsave_image
+
+PAGE = 4096
+BIG_START = 0x10000000
+STACK_TOP = 0x7F0000000000
+STACK_SIZE = 64 * 1024
+SA_SIGINFO_RESTORER = 0x04000004
+
+
+def _frame_bytes(isp: int, stack_lo: int) -> tuple[int, bytes]:
+    """A 64-bit rt_sigframe + XSAVE image for a signal that interrupted ``isp``; (frame address, bytes)."""
+    fpstate = (isp - 128 - (832 + 4)) & ~63
+    frame = fpstate - 456
+    raw = bytearray(456)
+    struct.pack_into("<Q", raw, 0, RESTORER)
+    struct.pack_into("<Q", raw, 8, 0x7)
+    struct.pack_into("<Q", raw, 48 + 120, isp)
+    struct.pack_into("<H", raw, 48 + 144, 0x33)
+    struct.pack_into("<Q", raw, 48 + 184, fpstate)
+    struct.pack_into("<i", raw, 312, 10)
+    image = xsave_image(832, 0x7, 0x7)
+    return frame, bytes(raw) + image
+
+
+def build(dest: Path, threads: int, big_gib: float) -> dict[str, int]:
+    dest.mkdir(parents=True, exist_ok=True)
+    pid = 1000
+    tids = [pid + i for i in range(threads)]
+    inv = inventory_pb2.inventory_entry(img_version=2, fdinfo_per_id=True)
+    (dest / "inventory.img").write_bytes(encode_image(None, INVENTORY.magic, [inv.SerializeToString()]))
+    ps = pstree_pb2.pstree_entry(pid=pid, ppid=0, pgid=pid, sid=pid, threads=tids)
+    (dest / "pstree.img").write_bytes(encode_image(PSTREE.head, PSTREE.magic, [ps.SerializeToString()]))
+
+    big_pages = int(big_gib * (1 << 30)) // PAGE
+    mm = mm_pb2.mm_entry()
+    mm.vmas.add(start=BIG_START, end=BIG_START + big_pages * PAGE, prot=3, flags=0x22, status=0x201, fd=-1)
+    stacks = []
+    for i in range(threads):
+        hi = STACK_TOP - i * (STACK_SIZE + PAGE)
+        lo = hi - STACK_SIZE
+        stacks.append((lo, hi))
+    for lo, hi in sorted(stacks):
+        mm.vmas.add(start=lo, end=hi, prot=3, flags=0x22, status=0x201, fd=-1)
+    (dest / f"mm-{pid}.img").write_bytes(encode_image(MM.head, MM.magic, [mm.SerializeToString()]))
+
+    head = pagemap_pb2.pagemap_head(pages_id=1)
+    entries = [pagemap_pb2.pagemap_entry(vaddr=BIG_START, nr_pages=big_pages, flags=4)]
+    for lo, _hi in sorted(stacks):
+        entries.append(pagemap_pb2.pagemap_entry(vaddr=lo, nr_pages=STACK_SIZE // PAGE, flags=4))
+    payloads = [head.SerializeToString(), *(e.SerializeToString() for e in entries)]
+    (dest / f"pagemap-{pid}.img").write_bytes(encode_image(PAGEMAP.head, PAGEMAP.magic, payloads))
+
+    pages = dest / "pages-1.img"
+    total = (big_pages + threads * STACK_SIZE // PAGE) * PAGE
+    fd = os.open(pages, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, total)
+        offset_of = {lo: big_pages * PAGE + k * STACK_SIZE for k, (lo, _) in enumerate(sorted(stacks))}
+        for i, tid in enumerate(tids):
+            lo, hi = stacks[i]
+            isp = hi - 2048
+            frame, data = _frame_bytes(isp, lo)
+            os.pwrite(fd, data, offset_of[lo] + frame - lo)
+            core = core_pb2.core_entry(mtype=1)
+            ti = core.thread_info
+            ti.gpregs.sp = frame - 256
+            ti.gpregs.ip = 0x401000
+            ti.gpregs.mode = 1
+            ti.fpregs.mxcsr = 0x1F80
+            ti.fpregs.xsave.xstate_bv = 0x7
+            if tid == pid:
+                core.tc.comm = b"bench"
+                for s in range(62):
+                    sa = core.tc.sigactions.add(sigaction=0, flags=0, restorer=0, mask=0)
+                    if s == 9:  # index 9 is SIGUSR1 (10)
+                        sa.sigaction, sa.flags, sa.restorer = 0x401100, SA_SIGINFO_RESTORER, RESTORER
+            else:
+                core.thread_core.futex_rla = 0
+                core.thread_core.futex_rla_len = 0
+            (dest / f"core-{tid}.img").write_bytes(
+                encode_image(CORE.head, CORE.magic, [core.SerializeToString()])
+            )
+    finally:
+        os.close(fd)
+    return {"threads": threads, "memory_bytes": total, "stack_bytes": threads * STACK_SIZE}
