@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import io
+import lzma
 import os
 import re
 import shutil
@@ -80,28 +81,80 @@ def skip_reason() -> str | None:
     return None
 
 
-def fetch_guest() -> tuple[Path, Path]:
-    """Debian's kernel and busybox, unpacked under .cache/guest (apt-get download; no system change)."""
-    root = GUEST / "root"
+KERNELS = {
+    # bookworm's cloud kernel: sigreturn finds magic2 at fpstate + xstate_size ("frame-size")
+    "6.1": ("bookworm", r"Depends: (linux-image-\S+)", KERNEL_META),
+    # trixie-backports 6.16: inside the dc8aa31a7ac2 window, no revert in its changelog ("user-size")
+    "6.16": ("trixie-backports", r"^(linux-image-6\.16\.[0-9]+\+deb13-cloud-amd64) ", "linux-image-6.16"),
+}
+
+
+def _apt_trixie_backports() -> list[str]:
+    root = CACHE / "apt-trixie"
+    (root / "etc").mkdir(parents=True, exist_ok=True)
+    (root / "lists-bp" / "partial").mkdir(parents=True, exist_ok=True)
+    (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    (root / "etc" / "bp.list").write_text("deb http://deb.debian.org/debian trixie-backports main\n")
+    (root / "status").touch()
+    return [
+        "-o",
+        f"Dir::Etc::sourcelist={root}/etc/bp.list",
+        "-o",
+        "Dir::Etc::sourceparts=-",
+        "-o",
+        f"Dir::State::Lists={root}/lists-bp",
+        "-o",
+        f"Dir::Cache={root}/cache",
+        "-o",
+        f"Dir::State::status={root}/status",
+        "-o",
+        "APT::Architecture=amd64",
+        "-o",
+        "Debug::NoLocking=1",
+        "-o",
+        "APT::Sandbox::User=root",
+    ]
+
+
+def fetch_guest(kernel: str = "6.1") -> tuple[Path, Path]:
+    """A Debian kernel and bookworm's busybox, unpacked under .cache (no change to the system's apt)."""
+    suite, pattern, query = KERNELS[kernel]
+    guest = GUEST if kernel == "6.1" else CACHE / f"guest-{kernel}"
+    root = guest / "root"
     kernels = sorted((root / "boot").glob("vmlinuz-*")) if root.exists() else []
-    if not kernels or not (root / "bin" / "busybox").exists():
-        GUEST.mkdir(parents=True, exist_ok=True)
-        deps = subprocess.run(
-            ["apt-cache", "depends", KERNEL_META], capture_output=True, text=True, check=True
-        )
-        kernel_pkg = re.findall(r"Depends: (linux-image-\S+)", deps.stdout)
-        if not kernel_pkg:
-            raise RuntimeError(f"apt-cache depends {KERNEL_META} names no kernel: run apt-get update")
+    if not kernels:
+        guest.mkdir(parents=True, exist_ok=True)
+        if suite == "bookworm":
+            opts: list[str] = []
+            found = subprocess.run(["apt-cache", "depends", query], capture_output=True, text=True).stdout
+        else:
+            opts = _apt_trixie_backports()
+            subprocess.run(["apt-get", *opts, "-qq", "update"], check=True, capture_output=True)
+            found = subprocess.run(
+                ["apt-cache", *opts, "search", query], capture_output=True, text=True
+            ).stdout
+        names = sorted(set(re.findall(pattern, found, re.M)))
+        if not names:
+            raise RuntimeError(f"no {kernel} kernel package found in {suite} (apt-get update?)")
         subprocess.run(
-            ["apt-get", "download", "-qq", kernel_pkg[0], BUSYBOX_PKG],
-            cwd=GUEST,
-            check=True,
-            capture_output=True,
+            ["apt-get", *opts, "download", "-qq", names[-1]], cwd=guest, check=True, capture_output=True
         )
-        for deb in GUEST.glob("*.deb"):
+        for deb in guest.glob("linux-image-*.deb"):
             subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
         kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not (GUEST / "root" / "bin" / "busybox").exists():
+        GUEST.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["apt-get", "download", "-qq", BUSYBOX_PKG], cwd=GUEST, check=True, capture_output=True
+        )
+        for deb in GUEST.glob("busybox*.deb"):
+            subprocess.run(["dpkg", "-x", str(deb), str(GUEST / "root")], check=True)
     return kernels[-1], root
+
+
+def _module_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    return lzma.decompress(data) if path.suffix == ".xz" else data
 
 
 class _Newc:
@@ -156,13 +209,14 @@ class _Newc:
         return self.buf.getvalue()
 
 
-def build_initramfs(scenario: str, files: dict[str, Path], out: Path) -> Path:
-    _, root = fetch_guest()
-    kver = next((root / "lib" / "modules").iterdir()).name
+def build_initramfs(scenario: str, files: dict[str, Path], out: Path, kernel: str = "6.1") -> Path:
+    _, root = fetch_guest(kernel)
+    moddir = next(p for p in (root / "lib" / "modules", root / "usr" / "lib" / "modules") if p.is_dir())
+    kver = next(moddir.iterdir()).name
     cpio = _Newc()
-    for d in ("proc", "sys", "dev", "tmp", "out", "mods", "root", SHARED):
+    for d in ("proc", "sys", "dev", "tmp", "out", "mods", "root", "in", SHARED):
         cpio.dir(d)
-    cpio.file("bin/busybox", (root / "bin" / "busybox").read_bytes())
+    cpio.file("bin/busybox", (GUEST / "root" / "bin" / "busybox").read_bytes())
     cpio.file("init", INIT.encode())
     cpio.file("scenario.sh", scenario.encode())
     prefix = CACHE / "criu-4.1.1"
@@ -173,13 +227,16 @@ def build_initramfs(scenario: str, files: dict[str, Path], out: Path) -> Path:
     cpio.file("etc/group", b"root:x:0:\nuser:x:1000:\n", 0o644)
     mods = []
     for m in MODULES:
-        src = root / "lib" / "modules" / kver / "kernel" / m
-        if src.exists():
-            cpio.file(f"mods/{src.name}", src.read_bytes(), 0o644)
-            mods.append(src.name)
+        for src in (moddir / kver / "kernel" / m, moddir / kver / "kernel" / f"{m}.xz"):
+            if src.exists():
+                cpio.file(f"mods/{Path(m).name}", _module_bytes(src), 0o644)
+                mods.append(Path(m).name)
     cpio.file("modules.list", "\n".join(mods).encode() + b"\n", 0o644)
     for dest, src in files.items():
-        cpio.file(dest, src.read_bytes(), 0o755)
+        if src.is_dir():
+            cpio.tree(src, dest)
+        else:
+            cpio.file(dest, src.read_bytes(), 0o755)
     out.write_bytes(cpio.finish())
     return out
 
@@ -215,10 +272,11 @@ def run_guest(
     accel: str = "tcg",
     timeout: float = 300.0,
     memory: str = "1G",
+    kernel_version: str = "6.1",
 ) -> GuestResult:
-    kernel, _ = fetch_guest()
+    kernel, _ = fetch_guest(kernel_version)
     workdir.mkdir(parents=True, exist_ok=True)
-    initrd = build_initramfs(scenario, files, workdir / "initrd.cpio")
+    initrd = build_initramfs(scenario, files, workdir / "initrd.cpio", kernel_version)
     cmd = [
         "qemu-system-x86_64",
         "-accel",
@@ -282,3 +340,18 @@ def guest_files() -> dict[str, Path]:
         probe.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["gcc", "-static", "-O2", "-o", str(probe), str(src)], check=True, capture_output=True)
     return {f"{SHARED}/bin/ymm_handler": build_workload(), "bin/probe-dump": probe}
+
+
+def restore_scenario(pid: int) -> str:
+    """Restore /in/images as root, release the workload, bring its OK/CORRUPT lines out."""
+    return f"""
+W={SHARED}/wl
+mkdir -p $W
+/bin/probe-dump > /out/probe.txt
+/criu/criu restore -D /in/images -d -o /out/restore.log -v4
+echo "restore exit $?"
+kill -USR2 {pid}
+for i in $(seq 1 200); do [ -e $W/done ] && break; [ -d /proc/{pid} ] || break; sleep 0.1; done
+cp $W/result /out/result 2>/dev/null
+[ -e $W/done ] && echo "workload done"
+"""

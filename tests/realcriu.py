@@ -94,12 +94,14 @@ class Workload:
     seed: int = 5
     threads: int = 1
     binary: str = "ymm_handler"
+    exe: Path | None = None  # run this copy of the binary (a path another machine will also have)
+    env: dict[str, str] | None = None
     pid: int = 0
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self, timeout: float = 20.0) -> Workload:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        exe = build_workload(self.binary)
+        exe = self.exe or build_workload(self.binary)
         args = [str(exe), str(self.workdir), str(self.seed), self.mode]
         if self.mode == "threads":
             args.append(str(self.threads))
@@ -109,6 +111,8 @@ class Workload:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            env=None if self.env is None else {**os.environ, **self.env},
+            cwd="/",  # a path every machine has: the restored process reopens its cwd
         )
         self.pid = self._proc.pid
         try:

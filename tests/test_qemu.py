@@ -132,3 +132,59 @@ def test_pkeys_in_use_is_refused_and_apply_changes_nothing(
     assert "PKRU_IN_USE_DEST_NO_PKEYS" in codes and plan["verdict"] == "refuse"
     assert main(["apply", str(images), "--dest", here, "--in-place"]) == 1
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
+
+
+NO_AVX512 = {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD"}
+
+
+@pytest.fixture(scope="module")
+def host_dump(here: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A frame dumped on this machine (glibc told not to touch AVX-512, so only x87/SSE/AVX are in use)."""
+    from tests.realcriu import Workload
+
+    exe = Path(SHARED) / "bin" / "ymm_handler"
+    _prepare_host_paths()
+    base = tmp_path_factory.mktemp("hostdump")
+    wl = Workload(Path(SHARED) / "wl", mode="siginfo", seed=13, exe=exe, env=NO_AVX512).start()
+    try:
+        (truth,) = wl.truths()
+        if truth["xstate_bv"] & ~0x7:
+            pytest.skip(f"this host's frame uses state beyond AVX (xstate_bv {truth['xstate_bv']:#x})")
+        wl.dump(base / "images")
+    finally:
+        wl.kill()
+    return base / "images", wl.pid
+
+
+@pytest.mark.parametrize(
+    ("kernel", "rule", "raw_expected"), [("6.16", "user-size", "CORRUPT"), ("6.1", "frame-size", "OK")]
+)
+def test_sigreturn_rule_of_the_destination_kernel(
+    host_dump: tuple[Path, int], tmp_path: Path, kernel: str, rule: str, raw_expected: str
+) -> None:
+    """Debian 6.16 (trixie-backports) looks for magic2 at its own user size (2696 in the guest): the
+    host's 2432-byte frame is restored FX-only there, not on 6.1. `apply` for a user-size destination
+    relocates the image to exactly 2696 bytes, which both kernels accept."""
+    import yaml
+
+    images, pid = host_dump
+    profile = yaml.safe_load((HOSTS / "qemu-tcg-max.yaml").read_text())
+    profile.update(name=f"tcg-max-{kernel}", kernel={"release": kernel, "sigreturn": rule})
+    dest = tmp_path / "dest.yaml"
+    dest.write_text(yaml.safe_dump(profile))
+    fixed = tmp_path / "fixed"
+    assert main(["apply", str(images), "--dest", str(dest), "--out", str(fixed)]) == 0
+    files = {
+        f"{SHARED}/bin/ymm_handler": Path(SHARED) / "bin" / "ymm_handler",
+        "bin/probe-dump": guest_files()["bin/probe-dump"],
+    }
+    for name, src, expected in (("raw", images, raw_expected), ("fixed", fixed, "OK")):
+        g = run_guest(
+            qemu_guest.restore_scenario(pid),
+            {**files, "in/images": src},
+            tmp_path / f"g-{name}",
+            kernel_version=kernel,
+        )
+        assert "restore exit 0" in g.log, g.log[-2000:]
+        result = (g.out / "result").read_text() if (g.out / "result").exists() else ""
+        assert result.split()[2:3] == [expected], (name, result, g.log[-500:])
