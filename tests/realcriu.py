@@ -102,9 +102,12 @@ class Workload:
     def start(self, timeout: float = 20.0) -> Workload:
         self.workdir.mkdir(parents=True, exist_ok=True)
         exe = self.exe or build_workload(self.binary)
-        args = [str(exe), str(self.workdir), str(self.seed), self.mode]
-        if self.mode == "threads":
-            args.append(str(self.threads))
+        if self.binary == "prof_vector":
+            args = [str(exe), str(self.workdir)]
+        else:
+            args = [str(exe), str(self.workdir), str(self.seed), self.mode]
+            if self.mode == "threads":
+                args.append(str(self.threads))
         self._proc = subprocess.Popen(
             args,
             stdin=subprocess.DEVNULL,
@@ -127,9 +130,12 @@ class Workload:
     def truths(self) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in sorted(self.workdir.glob("truth-*.json"))]
 
-    def dump(self, images: Path) -> None:
+    def dump(self, images: Path, *, leave_running: bool = False) -> None:
         images.mkdir(parents=True, exist_ok=True)
-        criu("dump", "-t", str(self.pid), "-D", str(images), log_dir=images, log="dump.log")
+        extra = ["--leave-running"] if leave_running else []
+        criu("dump", "-t", str(self.pid), "-D", str(images), *extra, log_dir=images, log="dump.log")
+        if leave_running:
+            return
         if self._proc is not None:
             self._proc.wait(timeout=10)  # reap it, or its pid stays taken by a zombie
         _pid_gone(self.pid)

@@ -169,3 +169,48 @@ def test_ordinary_programs_have_no_live_frames(tmp_path: Path, argv: list[str]) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_random_dumps_of_a_profiled_program_find_the_kernel_frame(here: str, tmp_path: Path) -> None:
+    """SIGPROF fires at the tick rate and its handler runs ~half the time; dump at random moments
+    (leaving the program running) until a dump catches the thread inside the handler. The frame found
+    must be the kernel's: after a restore from that dump the program keeps computing correctly."""
+    import random
+    import time
+
+    rng = random.Random(1234)
+    wl = Workload(tmp_path / "wl", binary="prof_vector")
+    try:
+        wl.start()
+    except Unsupported as exc:
+        pytest.skip(str(exc))
+    try:
+        caught = None
+        for attempt in range(40):
+            time.sleep(rng.uniform(0.0, 0.03))
+            images = tmp_path / f"try{attempt}"
+            wl.dump(images, leave_running=True)
+            with open_checkpoint(images) as ck:
+                frames = [f for t in load_model(ck).threads() for f in t.frames.live]
+            if frames:
+                caught = (images, frames)
+                break
+        assert caught is not None, "no dump caught the handler in 40 tries"
+        images, frames = caught
+        (frame,) = frames
+        assert frame.signo == 27 and frame.kernel_layout and frame.sw is not None  # SIGPROF
+        assert frame.sw.xstate_size == hosts_user_size(here)
+        wl.kill()
+        wl.restore(images)
+        time.sleep(0.5)  # the restored handler returns through the frame; main keeps checking its sums
+        wl.release()
+        (line,) = wl.result()
+        assert line.startswith("OK"), line
+    finally:
+        wl.kill()
+
+
+def hosts_user_size(profile: str) -> int:
+    from criu_xstate import hosts
+
+    return hosts.load_profile(Path(profile)).xsave.user_size
