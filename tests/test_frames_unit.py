@@ -135,3 +135,48 @@ def test_random_bytes_with_planted_magics_give_no_live_frame(
         mem.write(STACK_LO + off, value[: 0x4000 - off])
     found = find_frames(ThreadStacks(tid=1, sp=STACK_LO), mem, SIGACTIONS)
     assert found.live == []
+
+
+def test_ia32_rt_frame_is_detected_and_modelled() -> None:
+    """A compat task's rt_sigframe_ia32: u32 pretcode, fpstate at frame+276, FSAVE header, XSAVE image at
+    fpstate+112 (kernel.md §1.5)."""
+    mem = FakeMemory()
+    lo = 0xFFF00000
+    mem.add(lo, 0x10000)
+    isp = lo + 0xF000
+    xsave = (isp - (832 + 4)) & ~63
+    fpstate = xsave - 112
+    frame = fpstate - 276
+    assert (frame + 4) % 16 == 0
+    raw = bytearray(268)
+    struct.pack_into("<I", raw, 0, 0x8049000)  # pretcode
+    struct.pack_into("<I", raw, 4, 10)  # sig
+    struct.pack_into("<I", raw, 164 + 28, isp)  # sigcontext_32.sp
+    struct.pack_into("<I", raw, 164 + 60, 0x23)  # cs
+    struct.pack_into("<I", raw, 164 + 76, fpstate)
+    mem.write(frame, bytes(raw))
+    from tests.framebuild import xsave_image
+
+    mem.write(xsave, xsave_image(832, 0x7, 0x7))
+    sas = [Sigaction(10, 0x8049100, SA_SIGINFO | SA_RESTORER, 0x8049000)]
+    found = find_frames(ThreadStacks(tid=3, sp=frame - 0x40, compat=True), mem, sas)
+    (f,) = found.live
+    assert f.abi.value == "ia32-rt" and f.fpstate == fpstate and f.xsave_address == xsave and f.kernel_layout
+    assert f.sw is not None and f.sw.xstate_size == 832
+
+
+def test_ia32_frame_is_refused_by_the_plan() -> None:
+    from criu_xstate.frames import Abi, Check, SignalFrame
+    from criu_xstate.plan import FrameAction, HostFacts, plan_frame
+
+    f = SignalFrame(
+        tid=3,
+        abi=Abi.IA32_RT,
+        address=0x1000,
+        stack=StackKind.STACK,
+        liveness=Liveness.LIVE,
+        depth=0,
+        checks=(Check("pretcode", True, ""),),
+    )
+    d = plan_frame(f, HostFacts("h", 0x7, 832, 0xFFFF, {2: (576, 256)}))
+    assert d.action is FrameAction.REFUSE and d.findings[0].code == "IA32_FRAME_UNSUPPORTED"
