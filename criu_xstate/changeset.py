@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 from criu_xstate.errors import ApplyError, MemoryUnreadable
 from criu_xstate.images.addrspace import PAGE, PE_PRESENT, VMA_ANON_PRIVATE, VMA_AREA_REGULAR
-from criu_xstate.images.framing import MM, Pagemap, encode_image
-from criu_xstate.images.pb import mm_pb2, pagemap_pb2
-from criu_xstate.model import CheckpointModel, Process
-from criu_xstate.plan import FrameAction, HostFacts, Plan
+from criu_xstate.images.framing import CORE, MM, Pagemap, encode_image
+from criu_xstate.images.pb import core_pb2, mm_pb2, pagemap_pb2
+from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
+from criu_xstate.plan import INIT_PKRU, LEGACY, PKRU, FrameAction, HostFacts, Plan, ThreadState
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 from criu_xstate.translate import MemoryPatch, Relocation, frame_patches, pointer_patch
 
@@ -36,6 +36,38 @@ class ChangeSet:
     frames_rewritten: int
     frames_relocated: int
     relocation_vmas: list[tuple[int, int, int]]  # (pid, start, end)
+    cores_rewritten: int = 0
+
+
+def _core_change(proc: Process, state: ThreadState, dest: HostFacts) -> FileWrite | None:
+    """Drop from core-<tid>.img the components in their init state that the destination lacks.
+
+    CRIU would skip them anyway (it restores only what the host has); rewriting says so in the image
+    instead of relying on it. Components in use never get here: the plan refused them.
+    """
+    if state.xstate_bv is None:
+        return None
+    drop = 0
+    for n in range(2, 64):
+        if not state.xstate_bv >> n & 1 or dest.xcr0 >> n & 1:
+            continue
+        if n in state.in_use and not (n == PKRU and state.pkru in (0, INIT_PKRU)):
+            return None  # refused by the plan; never drop live state
+        drop |= 1 << n
+    drop &= ~LEGACY
+    if not drop:
+        return None
+    path = proc.checkpoint.path_of(f"core-{state.tid}.img")
+    core = core_pb2.core_entry()
+    core.CopyFrom(proc.checkpoint.core(state.tid))
+    xs = core.thread_info.fpregs.xsave
+    xs.xstate_bv = int(xs.xstate_bv) & ~drop
+    for n, name in XSAVE_FIELDS.items():
+        if drop >> n & 1:
+            xs.ClearField(name)
+    return FileWrite(
+        path.name, path.read_bytes(), encode_image(CORE.head, CORE.magic, [core.SerializeToString()])
+    )
 
 
 def _byte_edits(proc: Process, patch: MemoryPatch) -> list[ByteEdit]:
@@ -144,4 +176,9 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
         more, (start, end) = _relocate(procs[pid], rs)
         changes += more
         vmas.append((pid, start, end))
-    return ChangeSet(changes, rewritten, sum(len(r) for r in relocs.values()), vmas)
+    cores = [c for t in plan.threads if (c := _core_change(procs[t.state.pid], t.state, dest)) is not None]
+    if changes:  # only alongside a real translation: on its own CRIU already ignores these components
+        changes += cores
+    else:
+        cores = []
+    return ChangeSet(changes, rewritten, sum(len(r) for r in relocs.values()), vmas, len(cores))
