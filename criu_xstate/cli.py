@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", metavar="DIR", help="write a translated copy here")
     where.add_argument("--in-place", action="store_true", help="rewrite the checkpoint (journaled; see undo)")
+    p.add_argument(
+        "--self-contained",
+        action="store_true",
+        help="with --out: copy changed pages files whole instead of writing an incremental image whose "
+        "`parent` link points at CHECKPOINT (use it when DIR moves to another machine alone)",
+    )
     p.set_defaults(handler=_cmd_apply)
 
     p = sub.add_parser("undo", help="restore a checkpoint changed by apply --in-place from its journal")

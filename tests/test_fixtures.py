@@ -157,9 +157,11 @@ def test_apply_out_then_plan_is_compatible(tmp_path: Path, capsys: pytest.Captur
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the source is untouched
     assert main(["plan", str(out), "--dest", icx, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verdict"] == "compatible"
-    # Unchanged images are hard links, changed ones are not.
+    # An incremental image over the source: unchanged images are hard links, only changed pages are
+    # written (the frames' pages and the relocated images), everything else is read through `parent`.
     assert (out / "core-6782.img").stat().st_ino == (src / "core-6782.img").stat().st_ino
-    assert (out / "pages-1.img").stat().st_ino != (src / "pages-1.img").stat().st_ino
+    assert (out / "parent").is_symlink() and (out / "parent").resolve() == src.resolve()
+    assert 0 < (out / "pages-1.img").stat().st_size <= 8 * 4096 < (src / "pages-1.img").stat().st_size
 
 
 def test_apply_in_place_twice_and_undo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -185,3 +187,14 @@ def test_refused_apply_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["apply", str(ck), "--dest", str(HOSTS / "amd-zen2.yaml"), "--in-place"]) == 1
     assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
     capsys.readouterr()
+
+
+def test_apply_out_self_contained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    icx = str(HOSTS / "intel-icelake-sp.yaml")
+    assert main(["apply", str(FIXTURES / "altstack"), "--dest", icx, "--out", str(out), "--self-contained"]) == 0
+    assert not (out / "parent").exists()
+    assert (out / "pages-1.img").stat().st_size > (FIXTURES / "altstack" / "pages-1.img").stat().st_size
+    capsys.readouterr()
+    assert main(["plan", str(out), "--dest", icx, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "compatible"

@@ -173,7 +173,7 @@ def test_sigreturn_rule_of_the_destination_kernel(
     dest = tmp_path / "dest.yaml"
     dest.write_text(yaml.safe_dump(profile))
     fixed = tmp_path / "fixed"
-    assert main(["apply", str(images), "--dest", str(dest), "--out", str(fixed)]) == 0
+    assert main(["apply", str(images), "--dest", str(dest), "--out", str(fixed), "--self-contained"]) == 0
     files = {
         f"{SHARED}/bin/ymm_handler": Path(SHARED) / "bin" / "ymm_handler",
         "bin/probe-dump": guest_files()["bin/probe-dump"],

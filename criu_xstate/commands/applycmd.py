@@ -20,6 +20,7 @@ from criu_xstate.errors import ApplyError, CriuXstateError
 from criu_xstate.images import open_checkpoint
 from criu_xstate.images.checkpoint import is_archive
 from criu_xstate.model import load_model
+from criu_xstate.overlay import write_overlay
 from criu_xstate.plan import Plan, Severity, Verdict
 from criu_xstate.report import dumps, render_plan_text
 from criu_xstate.transaction import JOURNAL, LOCK, Change, apply_changes, journal_state, undo
@@ -30,7 +31,8 @@ class VerifyError(CriuXstateError):
 
 
 def _copy_for_out(src: Path, out: Path, changes: list[Change]) -> None:
-    """Hard-link every image into ``out`` except files edited in place, which are copied."""
+    """Hard-link every image into ``out`` except files edited in place, which are copied (archives:
+    their extracted images are temporary, so the output cannot refer back to them)."""
     edited = {c.name for c in changes}  # ByteEdit/Append write into the file: never into a shared inode
     if out.exists() and any(out.iterdir()):
         raise ApplyError(f"{out}: exists and is not empty")
@@ -94,12 +96,23 @@ def run_apply(args: argparse.Namespace) -> int:
             _report(args, plan, None, "refused: nothing written")
             return 1
         cs = build_changeset(model, plan, dest.facts) if plan.verdict is Verdict.TRANSLATE else None
-        if args.out:
-            target = Path(args.out)
+        target = Path(args.out) if args.out else src_path
+        if (
+            args.out
+            and cs is not None
+            and cs.changes
+            and not is_archive(src_path)
+            and not args.self_contained
+        ):
+            # An incremental image over the original: only the changed pages are written.
+            write_overlay(model.checkpoint.dir, target, cs.changes)
+            cs_written = True
+        elif args.out:
             _copy_for_out(model.checkpoint.dir, target, cs.changes if cs else [])
+            cs_written = False
         else:
-            target = src_path
-    if cs is not None and cs.changes:
+            cs_written = False
+    if cs is not None and cs.changes and not cs_written:
         apply_changes(target, cs.changes, description=f"criu-xstate apply for {dest.name}")
         if args.out:
             (target / JOURNAL).unlink(missing_ok=True)  # the original is untouched: nothing to undo

@@ -1,0 +1,149 @@
+"""``apply --out DIR`` for big checkpoints: the translated copy is an incremental image on top of the
+original, so a multi-GiB pages file is never copied.
+
+The output directory holds every image of the original (hard links), except that each pagemap whose
+pages change is rewritten: the pages the change set touches (and relocated XSAVE images) are
+``PE_PRESENT`` in a new, small ``pages-<id>.img``, every other present page becomes ``PE_PARENT``, and
+a ``parent`` link points at the original directory — the same structure ``criu dump
+--prev-images-dir`` writes, which ``criu restore`` reads through (criu.md §1.4). Runs that were
+already ``PE_PARENT`` or lazy keep their flags and resolve through the original's own chain.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from criu_xstate.errors import ApplyError
+from criu_xstate.images.addrspace import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
+from criu_xstate.images.framing import Pagemap, read_pagemap
+from criu_xstate.images.pb import pagemap_pb2
+from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
+
+
+def _entry(vaddr: int, pages: int, flags: int, modern: bool) -> pagemap_pb2.pagemap_entry:
+    e = pagemap_pb2.pagemap_entry(vaddr=vaddr, flags=flags)
+    e.compat_nr_pages = 0 if modern else pages
+    if modern:
+        e.nr_pages = pages
+    return e
+
+
+def _runs(pm: Pagemap) -> list[tuple[int, int, int, int | None]]:
+    """(vaddr, pages, flags, offset in the pages file or None) per entry, CRIU's normalization."""
+    out: list[tuple[int, int, int, int | None]] = []
+    offset = 0
+    for e in pm.entries:
+        pages = int(e.nr_pages) if e.HasField("nr_pages") else int(e.compat_nr_pages)
+        flags = int(e.flags) if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
+        if flags & PE_PRESENT:
+            out.append((int(e.vaddr), pages, flags, offset))
+            offset += pages * PAGE
+        else:
+            out.append((int(e.vaddr), pages, flags, None))
+    return out
+
+
+def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
+    """Write the translated checkpoint into ``out`` as an incremental image over ``src``.
+
+    Returns the number of page bytes written. ``out`` must not exist or be empty.
+    """
+    if out.exists() and any(out.iterdir()):
+        raise ApplyError(f"{out}: exists and is not empty")
+    if (src / "parent").exists() is False and (src / "parent").is_symlink():
+        raise ApplyError(f"{src}/parent: dangling parent link")
+    writes = {c.name: c for c in changes if isinstance(c, FileWrite)}
+    edits: dict[str, list[ByteEdit]] = defaultdict(list)
+    appends: dict[str, Append] = {}
+    for c in changes:
+        if isinstance(c, ByteEdit):
+            edits[c.name].append(c)
+        elif isinstance(c, Append):
+            appends[c.name] = c
+    touched_pages = set(edits) | set(appends)
+
+    # Which pagemap owns each touched pages file.
+    owners: dict[str, str] = {}
+    for pm_path in src.glob("pagemap-*.img"):
+        pm = read_pagemap(pm_path)
+        name = f"pages-{int(pm.head.pages_id)}.img"
+        if name in touched_pages:
+            owners[name] = pm_path.name
+    missing = touched_pages - owners.keys()
+    if missing:
+        raise ApplyError(f"{src}: no pagemap owns {sorted(missing)}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    skip = {"parent", *touched_pages, *owners.values(), *writes}
+    for entry in sorted(src.iterdir()):
+        if entry.name in skip or entry.name.startswith(".criu-xstate") or not entry.is_file():
+            continue
+        try:
+            os.link(entry, out / entry.name)
+        except OSError:
+            shutil.copy2(entry, out / entry.name)
+    os.symlink(os.path.relpath(src.resolve(), out.resolve()), out / "parent")
+
+    written = 0
+    for pages_name, pm_name in owners.items():
+        pm_src = src / pm_name
+        pm = read_pagemap(pm_src)
+        if pm_name in writes:  # relocation: the change set's pagemap has the appended run
+            new = writes.pop(pm_name)
+            tmp = out / f".{pm_name}.new"
+            tmp.write_bytes(new.new)
+            pm = read_pagemap(tmp)
+            tmp.unlink()
+        modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pm.entries)
+        src_pages = src / pages_name
+        original_size = src_pages.stat().st_size
+        dirty: dict[int, bytearray] = {}  # file offset of a page in the original -> new bytes
+        fd = os.open(src_pages, os.O_RDONLY)
+        try:
+            for e in edits.get(pages_name, []):
+                pos = e.offset
+                data = memoryview(e.new)
+                while data:
+                    page_off = pos // PAGE * PAGE
+                    if page_off not in dirty:
+                        dirty[page_off] = bytearray(os.pread(fd, PAGE, page_off).ljust(PAGE, b"\0"))
+                    n = min(len(data), page_off + PAGE - pos)
+                    dirty[page_off][pos - page_off : pos - page_off + n] = data[:n]
+                    data = data[n:]
+                    pos += n
+        finally:
+            os.close(fd)
+        app = appends.get(pages_name)
+        if app is not None:
+            if app.at != original_size:
+                raise ApplyError(f"{src_pages}: size changed since the plan")
+            for i in range(0, len(app.data), PAGE):
+                dirty[original_size + i] = bytearray(app.data[i : i + PAGE].ljust(PAGE, b"\0"))
+        entries: list[pagemap_pb2.pagemap_entry] = []
+        blob = bytearray()
+        for vaddr, pages, flags, offset in _runs(pm):
+            if offset is None:
+                entries.append(_entry(vaddr, pages, flags, modern))
+                continue
+            i = 0
+            while i < pages:
+                is_dirty = offset + i * PAGE in dirty
+                j = i
+                while j < pages and (offset + j * PAGE in dirty) == is_dirty:
+                    if is_dirty:
+                        blob += dirty[offset + j * PAGE]
+                    j += 1
+                if is_dirty:
+                    entries.append(_entry(vaddr + i * PAGE, j - i, PE_PRESENT | (flags & PE_LAZY), modern))
+                else:
+                    entries.append(_entry(vaddr + i * PAGE, j - i, PE_PARENT, modern))
+                i = j
+        (out / pm_name).write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
+        (out / pages_name).write_bytes(bytes(blob))
+        written += len(blob)
+    for name, w in writes.items():
+        (out / name).write_bytes(w.new)
+    return written
