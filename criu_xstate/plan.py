@@ -743,7 +743,25 @@ def plan_thread_state(state: ThreadState, dest: HostFacts) -> list[Finding]:
     return out
 
 
-def isa_findings(source_flags: Iterable[str] | None, dest: HostFacts, *, strict: bool) -> list[Finding]:
+# /proc/cpuinfo flags a CPU must have to enable an XSAVE component (kernel.md §5.1).
+COMPONENT_FLAGS = {
+    AVX: "avx",
+    OPMASK: "avx512f",
+    ZMM_HI256: "avx512f",
+    HI16_ZMM: "avx512f",
+    PKRU: "pku",
+    XTILECFG: "amx_tile",
+    XTILEDATA: "amx_tile",
+}
+
+
+def implied_flags(xfeatures: int) -> frozenset[str]:
+    return frozenset(COMPONENT_FLAGS[n] for n in bits(xfeatures) if n in COMPONENT_FLAGS)
+
+
+def isa_findings(
+    source_flags: Iterable[str] | None, dest: HostFacts, *, strict: bool, source_name: str = "the source"
+) -> list[Finding]:
     if source_flags is None or not dest.flags:
         return []
     missing = sorted(set(source_flags) - dest.flags)
@@ -756,7 +774,7 @@ def isa_findings(source_flags: Iterable[str] | None, dest: HostFacts, *, strict:
             "ISA_FLAGS_MISSING",
             sev,
             "checkpoint",
-            f"{dest.name} lacks CPU flags the source had: "
+            f"{dest.name} lacks CPU flags the source had (per {source_name}): "
             f"{shown}; code that chose them at start-up would get SIGILL",
             "restore on a host with these flags, or re-run without --strict-isa to accept the risk",
             dest=",".join(missing),
@@ -780,5 +798,7 @@ def make_plan(
         )
         plans.append(ThreadPlan(state, decisions, tuple(plan_thread_state(state, dest))))
     general = list(extra)
-    general += isa_findings(source.flags if source else None, dest, strict=strict_isa)
+    general += isa_findings(
+        source.flags if source else None, dest, strict=strict_isa, source_name=source.name if source else ""
+    )
     return Plan(dest, tuple(plans), tuple(general))

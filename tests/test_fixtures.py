@@ -192,7 +192,9 @@ def test_refused_apply_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_apply_out_self_contained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     icx = str(HOSTS / "intel-icelake-sp.yaml")
-    assert main(["apply", str(FIXTURES / "altstack"), "--dest", icx, "--out", str(out), "--self-contained"]) == 0
+    assert (
+        main(["apply", str(FIXTURES / "altstack"), "--dest", icx, "--out", str(out), "--self-contained"]) == 0
+    )
     assert not (out / "parent").exists()
     assert (out / "pages-1.img").stat().st_size > (FIXTURES / "altstack" / "pages-1.img").stat().st_size
     capsys.readouterr()

@@ -240,3 +240,16 @@ def test_padding_after_bndcsr_state_is_not_data() -> None:
     f = built_frame(0x21F, 2696, 0x217, {**YMM, 4: garbage, 9: struct.pack("<Q", INIT_PKRU)})
     d = plan_frame(f, SMALL)
     assert d.action is FrameAction.TRANSLATE and "COMPONENT_INIT_DROPPED" in codes(d)
+
+
+def test_isa_flags_implied_by_frames() -> None:
+    from criu_xstate.plan import implied_flags
+
+    assert implied_flags(0x2E7) == {"avx", "avx512f", "pku"}
+    f = built_frame(0xE7, 2432, 0x7, YMM)
+    state = ThreadState(1, 1, False, 0x7)
+    dest = HostFacts("avx2-host", 0x7, 832, 0x2FFFF, AMD_OFFSETS, flags=frozenset({"avx", "avx2"}))
+    src = SourceFacts("signal frames", None, implied_flags(0xE7))
+    warn = make_plan([(state, [f])], dest, src)
+    assert [x.code for x in warn.findings] == ["ISA_FLAGS_MISSING"] and warn.verdict is Verdict.TRANSLATE
+    assert make_plan([(state, [f])], dest, src, strict_isa=True).verdict is Verdict.REFUSE

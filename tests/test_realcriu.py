@@ -214,3 +214,36 @@ def hosts_user_size(profile: str) -> int:
     from criu_xstate import hosts
 
     return hosts.load_profile(Path(profile)).xsave.user_size
+
+
+def test_cpuinfo_img_is_a_partial_profile_of_this_host(
+    here: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`criu cpuinfo dump` writes what `criu dump --cpu-cap` records; read it with its quirks."""
+    from criu_xstate import hosts
+    from criu_xstate.images.framing import CPUINFO, read_single
+    from criu_xstate.images.pb import cpuinfo_pb2
+    from tests.realcriu import criu as run_criu
+
+    run_criu("cpuinfo", "dump", "-D", str(tmp_path), log_dir=tmp_path, log="cpuinfo.log")
+    entry = read_single(tmp_path / "cpuinfo.img", CPUINFO, cpuinfo_pb2.cpuinfo_entry).x86_entry[0]
+    partial = hosts.profile_from_cpuinfo_img(entry)
+    me = hosts.load_profile(Path(here))
+    assert (partial.vendor, partial.family, partial.model) == (me.cpu.vendor, me.cpu.family, me.cpu.model)
+    assert partial.xsave_size == me.xsave.max_user_size  # CPUID 0xD.0 EBX, not a frame size
+    assert partial.xfeatures | (me.xsave.xcr0 & 0x8) == me.xsave.xcr0  # the recorded mask lacks bit 3
+    assert set(partial.flags) <= set(me.flags)
+    # The checkpoint's cpuinfo.img is the source for the ISA rule: refuse with --strict-isa on a
+    # destination without AVX-512 when this host has it.
+    ck = tmp_path / "ck"
+    import shutil
+
+    shutil.copytree(REPO / "tests" / "fixtures" / "nohandler", ck)
+    shutil.copy2(tmp_path / "cpuinfo.img", ck / "cpuinfo.img")
+    zen2 = str(HOSTS / "amd-zen2.yaml")
+    rc = main(["plan", str(ck), "--dest", zen2, "--strict-isa", "--json"])
+    plan = json.loads(capsys.readouterr().out)
+    if "avx512f" in partial.flags:
+        assert rc == 1 and any(
+            r["code"] == "ISA_FLAGS_MISSING" and "cpuinfo.img" in r["detail"] for r in plan["reasons"]
+        )

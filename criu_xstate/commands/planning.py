@@ -8,7 +8,7 @@ from pathlib import Path
 
 from criu_xstate import hosts
 from criu_xstate.model import CheckpointModel
-from criu_xstate.plan import HostFacts, Plan, SourceFacts, make_plan
+from criu_xstate.plan import HostFacts, Plan, SourceFacts, implied_flags, make_plan
 
 
 @dataclass(frozen=True)
@@ -63,4 +63,14 @@ def plan_for(
     strict_isa: bool = False,
 ) -> Plan:
     threads = [(t.state(), t.frames.live) for t in model.threads()]
+    if source is None or source.flags is None:
+        # What the frames reveal: their xfeatures are the source kernel's, so the source CPU had the
+        # instruction sets behind those components.
+        xfeatures = 0
+        for _, frames in threads:
+            for f in frames:
+                xfeatures |= f.sw.xfeatures if f.sw else 0
+        implied = implied_flags(xfeatures)
+        if implied:
+            source = SourceFacts("signal frames", source.offsets if source else None, implied)
     return make_plan(threads, dest, source, allow_relocation=allow_relocation, strict_isa=strict_isa)
