@@ -188,3 +188,18 @@ def test_sigreturn_rule_of_the_destination_kernel(
         assert "restore exit 0" in g.log, g.log[-2000:]
         result = (g.out / "result").read_text() if (g.out / "result").exists() else ""
         assert result.split()[2:3] == [expected], (name, result, g.log[-500:])
+
+
+@pytest.mark.parametrize("cpu", ["max", "Haswell-noTSX"])
+def test_probe_dump_profile_of_a_guest_matches_its_kernel(here: str, tmp_path: Path, cpu: str) -> None:
+    """probe --from-dump on what the static probe-dump printed in the guest agrees with the guest
+    kernel's own boot lines: enabled features, context size (standard format) and max sigframe size."""
+    g = run_guest("/bin/probe-dump > /out/probe.txt\n", guest_files(), tmp_path / "g", cpu=cpu)
+    profile = hosts.profile_from_facts(parse_dump((g.out / "probe.txt").read_text(), "probe.txt"), cpu)
+    assert (
+        f"features 0x{profile.xsave.xcr0:x}, context size is {profile.xsave.user_size} bytes" in g.xstate_line
+    )
+    m = [line for line in g.dmesg.splitlines() if "max sigframe size" in line]
+    facts = parse_dump((g.out / "probe.txt").read_text(), "probe.txt")
+    assert m and m[0].endswith(f"max sigframe size: {facts.minsigstksz}")
+    assert not [n for n in profile.notes if n.startswith("disagreement")], profile.notes
