@@ -180,3 +180,17 @@ def test_ia32_frame_is_refused_by_the_plan() -> None:
     )
     d = plan_frame(f, HostFacts("h", 0x7, 832, 0xFFFF, {2: (576, 256)}))
     assert d.action is FrameAction.REFUSE and d.findings[0].code == "IA32_FRAME_UNSUPPORTED"
+
+
+def test_frame_off_the_live_chain_is_a_candidate_not_live() -> None:
+    """A valid frame on the sigaltstack while the thread runs on its normal stack (a handler that left
+    by siglongjmp, or a suspended user context): reported with its evidence, never live."""
+    mem = _memory()
+    alt_lo, alt_size = 0x6000_0000, 0x4000
+    mem.add(alt_lo, alt_size)
+    alt_frame, _ = place_frame(mem, STACK_HI - 0x800, on_altstack_top=alt_lo + alt_size)
+    thread = ThreadStacks(tid=7, sp=STACK_HI - 0x2000, altstack=(alt_lo, alt_size))
+    found = find_frames(thread, mem, SIGACTIONS)
+    assert found.live == []
+    (f,) = found.frames
+    assert f.address == alt_frame and f.liveness is Liveness.CANDIDATE and not f.failed
