@@ -20,9 +20,10 @@ from criu_xstate.images.addrspace import PAGE, PE_PRESENT, VMA_ANON_PRIVATE, VMA
 from criu_xstate.images.framing import CORE, MM, Pagemap, encode_image
 from criu_xstate.images.pb import core_pb2, mm_pb2, pagemap_pb2
 from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
-from criu_xstate.plan import INIT_PKRU, LEGACY, PKRU, FrameAction, HostFacts, Plan, ThreadState
+from criu_xstate.plan import FrameAction, HostFacts, Plan, ThreadState
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 from criu_xstate.translate import MemoryPatch, Relocation, frame_patches, pointer_patch
+from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, PKRU
 
 TASK_SIZE = 0x7FFFFFFFF000
 PROT_READ_WRITE = 0x3

@@ -19,29 +19,11 @@ import yaml
 
 from criu_xstate.errors import ProfileError
 from criu_xstate.x86.cpuid import RawFacts
+from criu_xstate.x86.xfeatures import DYNAMIC as DYNAMIC_FEATURES
+from criu_xstate.x86.xfeatures import LEGACY_SIZE, SUPERVISOR, component_name
 
 SCHEMA = "criu-xstate/host/v1"
 SIGRETURN_RULES = ("frame-size", "user-size")
-DYNAMIC_FEATURES = 1 << 18  # XTILEDATA: needs ARCH_REQ_XCOMP_PERM, excluded from the default size
-LEGACY_SIZE = 576
-COMPONENT_NAMES = {
-    0: "x87",
-    1: "SSE",
-    2: "AVX (YMM_Hi128)",
-    3: "MPX BNDREGS",
-    4: "MPX BNDCSR",
-    5: "AVX-512 opmask",
-    6: "AVX-512 ZMM_Hi256",
-    7: "AVX-512 Hi16_ZMM",
-    9: "PKRU",
-    17: "AMX XTILECFG",
-    18: "AMX XTILEDATA",
-    19: "APX EGPRs",
-}
-
-
-def component_name(n: int) -> str:
-    return COMPONENT_NAMES.get(n, f"component {n}")
 
 
 @dataclass(frozen=True)
@@ -348,7 +330,7 @@ def profile_from_facts(facts: RawFacts, name: str, *, sigreturn: str | None = No
     xcr0 = facts.xcr0 if facts.xcr0 is not None else supported
     if facts.xcr0 is None:
         notes.append("XCR0 not read (no XGETBV): using CPUID 0xD.0 supported features")
-    user_xcr0 = xcr0 & ~(1 << 8 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 13 | 1 << 14 | 1 << 15 | 1 << 16)
+    user_xcr0 = xcr0 & ~SUPERVISOR
     if facts.xcomp_supp is not None:
         if facts.xcomp_supp != user_xcr0:
             notes.append(

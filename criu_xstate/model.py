@@ -14,7 +14,8 @@ from typing import Any
 from criu_xstate.errors import ImageError
 from criu_xstate.frames import Sigaction, ThreadFrames, ThreadStacks, find_frames
 from criu_xstate.images import AddressSpace, Checkpoint
-from criu_xstate.plan import PKRU, ThreadState
+from criu_xstate.plan import ThreadState
+from criu_xstate.x86.xfeatures import PKRU
 
 MAP_GROWSDOWN = 0x100
 GPREGS_NATIVE = 1

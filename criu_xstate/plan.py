@@ -22,37 +22,23 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
 from criu_xstate.frames import XSAVE_HEADER_OFFSET, Abi, SignalFrame
+from criu_xstate.x86.xfeatures import (
+    AMD_OFFSETS,
+    APX,
+    BNDREGS,
+    INIT_PKRU,
+    INTEL_OFFSETS,
+    LEGACY,
+    PKRU,
+    XTILEDATA,
+    bits,
+    component_name,
+    state_bytes,
+)
 
 SCHEMA = "criu-xstate/plan/v1"
 
-X87, SSE, AVX, BNDREGS, BNDCSR, OPMASK, ZMM_HI256, HI16_ZMM, PKRU = 0, 1, 2, 3, 4, 5, 6, 7, 9
-XTILECFG, XTILEDATA, APX = 17, 18, 19
-LEGACY = (1 << X87) | (1 << SSE)
-INIT_PKRU = 0x55555554  # Linux init_pkru_value: access disabled for keys 1..15
 XCOMP_BV_COMPACTED = 1 << 63
-
-COMPONENT_NAMES = {
-    0: "x87",
-    1: "SSE",
-    2: "AVX (YMM_Hi128)",
-    3: "MPX BNDREGS",
-    4: "MPX BNDCSR",
-    5: "AVX-512 opmask",
-    6: "AVX-512 ZMM_Hi256",
-    7: "AVX-512 Hi16_ZMM",
-    9: "PKRU",
-    17: "AMX XTILECFG",
-    18: "AMX XTILEDATA",
-    19: "APX EGPRs",
-}
-
-
-def component_name(n: int) -> str:
-    return COMPONENT_NAMES.get(n, f"component {n}")
-
-
-def bits(mask: int) -> list[int]:
-    return [i for i in range(64) if mask >> i & 1]
 
 
 class Severity(IntEnum):
@@ -268,27 +254,6 @@ class Plan:
 
 # --- source layouts ---------------------------------------------------------------------------------
 
-# Standard-format offsets as CPUID 0xD enumerates them (kernel.md §5.1).
-INTEL_OFFSETS: dict[int, tuple[int, int]] = {
-    2: (576, 256),
-    3: (960, 64),
-    4: (1024, 64),
-    5: (1088, 64),
-    6: (1152, 512),
-    7: (1664, 1024),
-    9: (2688, 8),
-    17: (2752, 64),
-    18: (2816, 8192),
-    19: (960, 128),
-}
-AMD_OFFSETS: dict[int, tuple[int, int]] = {
-    2: (576, 256),
-    5: (832, 64),
-    6: (896, 512),
-    7: (1408, 1024),
-    9: (2432, 8),
-}
-
 
 def _layout_end(offsets: Mapping[int, tuple[int, int]], mask: int) -> int | None:
     end = 576
@@ -334,16 +299,6 @@ def infer_source_offsets(
 
 
 # --- component state in a frame -------------------------------------------------------------------
-
-
-# Bytes of a component that hold architectural state; the rest of its XSAVE slot is padding that XSAVE
-# does not write (stack garbage in a signal frame). BNDCSR: BNDCFGU + BNDSTATUS = 16 of 64 bytes
-# (SDM vol. 1 §13.5.4); PKRU: 4 of 8 bytes. Seen in a QEMU TCG guest's nested frames.
-STATE_BYTES = {BNDCSR: 16, PKRU: 4}
-
-
-def state_bytes(n: int, size: int) -> int:
-    return min(size, STATE_BYTES.get(n, size))
 
 
 def frame_components(frame: SignalFrame, offsets: Mapping[int, tuple[int, int]]) -> dict[int, ComponentState]:
@@ -741,22 +696,6 @@ def plan_thread_state(state: ThreadState, dest: HostFacts) -> list[Finding]:
                 )
             )
     return out
-
-
-# /proc/cpuinfo flags a CPU must have to enable an XSAVE component (kernel.md §5.1).
-COMPONENT_FLAGS = {
-    AVX: "avx",
-    OPMASK: "avx512f",
-    ZMM_HI256: "avx512f",
-    HI16_ZMM: "avx512f",
-    PKRU: "pku",
-    XTILECFG: "amx_tile",
-    XTILEDATA: "amx_tile",
-}
-
-
-def implied_flags(xfeatures: int) -> frozenset[str]:
-    return frozenset(COMPONENT_FLAGS[n] for n in bits(xfeatures) if n in COMPONENT_FLAGS)
 
 
 def isa_findings(

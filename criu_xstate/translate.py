@@ -27,7 +27,8 @@ from criu_xstate.frames import (
     SW_BYTES_OFFSET,
     XSAVE_HEADER_OFFSET,
 )
-from criu_xstate.plan import PKRU, FrameAction, FrameDecision, HostFacts, bits, state_bytes
+from criu_xstate.plan import FrameAction, FrameDecision, HostFacts
+from criu_xstate.x86.xfeatures import PKRU, bits, state_bytes
 
 LEGACY_COPY = SW_BYTES_OFFSET  # bytes 0..463: FXSAVE state and its reserved tail; sw bytes are rebuilt
 

@@ -8,9 +8,6 @@ import pytest
 
 from criu_xstate.frames import SA_RESTORER, SA_SIGINFO, Sigaction, SignalFrame, ThreadStacks, find_frames
 from criu_xstate.plan import (
-    AMD_OFFSETS,
-    INIT_PKRU,
-    INTEL_OFFSETS,
     FrameAction,
     HostFacts,
     SourceFacts,
@@ -21,6 +18,7 @@ from criu_xstate.plan import (
     plan_frame,
     plan_thread_state,
 )
+from criu_xstate.x86.xfeatures import AMD_OFFSETS, INIT_PKRU, INTEL_OFFSETS
 from tests.framebuild import RESTORER, FakeMemory, place_frame
 
 STACK_LO = 0x7FFF_0000_0000
@@ -243,7 +241,7 @@ def test_padding_after_bndcsr_state_is_not_data() -> None:
 
 
 def test_isa_flags_implied_by_frames() -> None:
-    from criu_xstate.plan import implied_flags
+    from criu_xstate.x86.xfeatures import implied_flags
 
     assert implied_flags(0x2E7) == {"avx", "avx512f", "pku"}
     f = built_frame(0xE7, 2432, 0x7, YMM)

@@ -10,7 +10,7 @@ from pathlib import Path
 from criu_xstate.frames import SignalFrame
 from criu_xstate.images import open_checkpoint
 from criu_xstate.model import CheckpointModel, load_model
-from criu_xstate.plan import component_name
+from criu_xstate.x86.xfeatures import component_name
 
 
 @contextmanager

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from criu_xstate import hosts
 from criu_xstate.model import CheckpointModel
-from criu_xstate.plan import HostFacts, Plan, SourceFacts, implied_flags, make_plan
+from criu_xstate.plan import HostFacts, Plan, SourceFacts, make_plan
+from criu_xstate.x86.xfeatures import implied_flags
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,21 @@
 
 typedef uint8_t ymmset[16][32];
 
+/* ymm0..15 <-> 512 bytes at %[in] / %[out] (asm operands of the blocks that use them) */
+#define YMM_LD(n, off) "vmovdqu " #off "(%[in]), %%ymm" #n "\n\t"
+#define YMM_ST(n, off) "vmovdqu %%ymm" #n ", " #off "(%[out])\n\t"
+#define YMM_LOAD_ALL                                                                                   \
+	YMM_LD(0, 0) YMM_LD(1, 32) YMM_LD(2, 64) YMM_LD(3, 96) YMM_LD(4, 128) YMM_LD(5, 160)          \
+	YMM_LD(6, 192) YMM_LD(7, 224) YMM_LD(8, 256) YMM_LD(9, 288) YMM_LD(10, 320) YMM_LD(11, 352)  \
+	YMM_LD(12, 384) YMM_LD(13, 416) YMM_LD(14, 448) YMM_LD(15, 480)
+#define YMM_STORE_ALL                                                                                  \
+	YMM_ST(0, 0) YMM_ST(1, 32) YMM_ST(2, 64) YMM_ST(3, 96) YMM_ST(4, 128) YMM_ST(5, 160)          \
+	YMM_ST(6, 192) YMM_ST(7, 224) YMM_ST(8, 256) YMM_ST(9, 288) YMM_ST(10, 320) YMM_ST(11, 352)  \
+	YMM_ST(12, 384) YMM_ST(13, 416) YMM_ST(14, 448) YMM_ST(15, 480)
+#define YMM_CLOBBERS                                                                                   \
+	"xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",  \
+	"xmm12", "xmm13", "xmm14", "xmm15"
+
 static const char *dir;
 static const char *mode;
 static unsigned long seed;
@@ -60,28 +75,13 @@ static void load_signal_store(ymmset in, ymmset out, long sig)
 {
 	long pid = getpid(), tid = gettid_();
 	__asm__ volatile(
-		"vmovdqu 0(%[in]), %%ymm0\n\t"   "vmovdqu 32(%[in]), %%ymm1\n\t"
-		"vmovdqu 64(%[in]), %%ymm2\n\t"  "vmovdqu 96(%[in]), %%ymm3\n\t"
-		"vmovdqu 128(%[in]), %%ymm4\n\t" "vmovdqu 160(%[in]), %%ymm5\n\t"
-		"vmovdqu 192(%[in]), %%ymm6\n\t" "vmovdqu 224(%[in]), %%ymm7\n\t"
-		"vmovdqu 256(%[in]), %%ymm8\n\t" "vmovdqu 288(%[in]), %%ymm9\n\t"
-		"vmovdqu 320(%[in]), %%ymm10\n\t" "vmovdqu 352(%[in]), %%ymm11\n\t"
-		"vmovdqu 384(%[in]), %%ymm12\n\t" "vmovdqu 416(%[in]), %%ymm13\n\t"
-		"vmovdqu 448(%[in]), %%ymm14\n\t" "vmovdqu 480(%[in]), %%ymm15\n\t"
+		YMM_LOAD_ALL
 		"mov $234, %%eax\n\t" /* tgkill(pid, tid, sig) */
 		"syscall\n\t"
-		"vmovdqu %%ymm0, 0(%[out])\n\t"   "vmovdqu %%ymm1, 32(%[out])\n\t"
-		"vmovdqu %%ymm2, 64(%[out])\n\t"  "vmovdqu %%ymm3, 96(%[out])\n\t"
-		"vmovdqu %%ymm4, 128(%[out])\n\t" "vmovdqu %%ymm5, 160(%[out])\n\t"
-		"vmovdqu %%ymm6, 192(%[out])\n\t" "vmovdqu %%ymm7, 224(%[out])\n\t"
-		"vmovdqu %%ymm8, 256(%[out])\n\t" "vmovdqu %%ymm9, 288(%[out])\n\t"
-		"vmovdqu %%ymm10, 320(%[out])\n\t" "vmovdqu %%ymm11, 352(%[out])\n\t"
-		"vmovdqu %%ymm12, 384(%[out])\n\t" "vmovdqu %%ymm13, 416(%[out])\n\t"
-		"vmovdqu %%ymm14, 448(%[out])\n\t" "vmovdqu %%ymm15, 480(%[out])\n\t"
+		YMM_STORE_ALL
 		:
 		: [in] "r"(in), [out] "r"(out), "D"(pid), "S"(tid), "d"(sig)
-		: "rax", "rcx", "r11", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6",
-		  "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+		: "rax", "rcx", "r11", "memory", YMM_CLOBBERS);
 }
 
 /* Hold values in the registers across a wait (no handler): load, wait on raw nanosleep, store. */
@@ -90,29 +90,13 @@ static void load_wait_store(ymmset in, ymmset out)
 	while (!released) {
 		struct timespec ts = {0, 20 * 1000 * 1000};
 		__asm__ volatile(
-			"vmovdqu 0(%[in]), %%ymm0\n\t"   "vmovdqu 32(%[in]), %%ymm1\n\t"
-			"vmovdqu 64(%[in]), %%ymm2\n\t"  "vmovdqu 96(%[in]), %%ymm3\n\t"
-			"vmovdqu 128(%[in]), %%ymm4\n\t" "vmovdqu 160(%[in]), %%ymm5\n\t"
-			"vmovdqu 192(%[in]), %%ymm6\n\t" "vmovdqu 224(%[in]), %%ymm7\n\t"
-			"vmovdqu 256(%[in]), %%ymm8\n\t" "vmovdqu 288(%[in]), %%ymm9\n\t"
-			"vmovdqu 320(%[in]), %%ymm10\n\t" "vmovdqu 352(%[in]), %%ymm11\n\t"
-			"vmovdqu 384(%[in]), %%ymm12\n\t" "vmovdqu 416(%[in]), %%ymm13\n\t"
-			"vmovdqu 448(%[in]), %%ymm14\n\t" "vmovdqu 480(%[in]), %%ymm15\n\t"
+			YMM_LOAD_ALL
 			"mov $35, %%eax\n\t" /* nanosleep(&ts, NULL) */
 			"syscall\n\t"
-			"vmovdqu %%ymm0, 0(%[out])\n\t"   "vmovdqu %%ymm1, 32(%[out])\n\t"
-			"vmovdqu %%ymm2, 64(%[out])\n\t"  "vmovdqu %%ymm3, 96(%[out])\n\t"
-			"vmovdqu %%ymm4, 128(%[out])\n\t" "vmovdqu %%ymm5, 160(%[out])\n\t"
-			"vmovdqu %%ymm6, 192(%[out])\n\t" "vmovdqu %%ymm7, 224(%[out])\n\t"
-			"vmovdqu %%ymm8, 256(%[out])\n\t" "vmovdqu %%ymm9, 288(%[out])\n\t"
-			"vmovdqu %%ymm10, 320(%[out])\n\t" "vmovdqu %%ymm11, 352(%[out])\n\t"
-			"vmovdqu %%ymm12, 384(%[out])\n\t" "vmovdqu %%ymm13, 416(%[out])\n\t"
-			"vmovdqu %%ymm14, 448(%[out])\n\t" "vmovdqu %%ymm15, 480(%[out])\n\t"
+			YMM_STORE_ALL
 			:
 			: [in] "r"(in), [out] "r"(out), "D"(&ts), "S"(0L)
-			: "rax", "rcx", "r11", "memory", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5",
-			  "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14",
-			  "xmm15");
+			: "rax", "rcx", "r11", "memory", YMM_CLOBBERS);
 		if (!released)
 			memcpy(out, in, sizeof(ymmset)); /* values checked after the last round only */
 	}
@@ -165,8 +149,7 @@ static void clobber_ymm(void)
 			 "vmovdqa %%ymm0, %%ymm7\n\t" "vmovdqa %%ymm0, %%ymm8\n\t" "vmovdqa %%ymm0, %%ymm9\n\t"
 			 "vmovdqa %%ymm0, %%ymm10\n\t" "vmovdqa %%ymm0, %%ymm11\n\t" "vmovdqa %%ymm0, %%ymm12\n\t"
 			 "vmovdqa %%ymm0, %%ymm13\n\t" "vmovdqa %%ymm0, %%ymm14\n\t" "vmovdqa %%ymm0, %%ymm15\n\t"
-			 ::: "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-			     "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15");
+			 ::: YMM_CLOBBERS);
 }
 
 static void mark_entered(void)
