@@ -208,22 +208,28 @@ def test_hostile_archives_are_refused(
     assert not (tmp_path.parent / "escape.img").exists()
 
 
-def test_parent_chain_pages_are_read_from_the_parent(tmp_path: Path) -> None:
-    """An incremental dump: the child's pagemap says PE_PARENT and its pages file is empty."""
+def _all_pages_in_parent(d: Path) -> None:
+    """Rewrite the pagemap as an incremental dump's: every run PE_PARENT."""
     from criu_xstate.images.framing import Pagemap, read_pagemap
 
-    parent = tmp_path / "pre"
-    child = tmp_path / "dump"
-    shutil.copytree(FIXTURE, parent)
-    shutil.copytree(FIXTURE, child)
-    pm = read_pagemap(child / f"pagemap-{PID}.img")
+    pm = read_pagemap(d / f"pagemap-{PID}.img")
     entries = []
     for e in pm.entries:
         e2 = pagemap_pb2.pagemap_entry()
         e2.CopyFrom(e)
         e2.flags = 1  # PE_PARENT
         entries.append(e2)
-    (child / f"pagemap-{PID}.img").write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
+    (d / f"pagemap-{PID}.img").write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
+
+
+def test_parent_chain_pages_are_read_from_the_parent(tmp_path: Path) -> None:
+    """An incremental dump: the child's pagemap says PE_PARENT and its pages file is empty."""
+
+    parent = tmp_path / "pre"
+    child = tmp_path / "dump"
+    shutil.copytree(FIXTURE, parent)
+    shutil.copytree(FIXTURE, child)
+    _all_pages_in_parent(child)
     (child / "pages-1.img").write_bytes(b"")
     os.symlink("../pre", child / "parent")
     with open_checkpoint(FIXTURE) as c:
@@ -234,18 +240,10 @@ def test_parent_chain_pages_are_read_from_the_parent(tmp_path: Path) -> None:
 
 
 def test_parent_loop_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from criu_xstate.images.framing import Pagemap, read_pagemap
 
     d = tmp_path / "ck"
     shutil.copytree(FIXTURE, d)
-    pm = read_pagemap(d / f"pagemap-{PID}.img")
-    entries = []
-    for e in pm.entries:
-        e2 = pagemap_pb2.pagemap_entry()
-        e2.CopyFrom(e)
-        e2.flags = 1
-        entries.append(e2)
-    (d / f"pagemap-{PID}.img").write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
+    _all_pages_in_parent(d)
     os.symlink(".", d / "parent")
     rc, err = _show(d, capsys)
     assert rc == 2 and "parent" in err
