@@ -1,0 +1,54 @@
+"""contrib/kubernetes scripts on the fixtures and shipped profiles."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).parents[1]
+
+
+def test_nodes_for_checkpoint(tmp_path: Path) -> None:
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+    for name in ("amd-zen2", "amd-zen4", "this-machine-zen4-epyc-vm"):
+        shutil.copy2(REPO / "contrib" / "hosts" / f"{name}.yaml", nodes)
+    script = str(REPO / "contrib" / "kubernetes" / "nodes-for-checkpoint")
+    ck = str(REPO / "tests" / "fixtures" / "siginfo")
+    strict = subprocess.run([sys.executable, script, ck, str(nodes)], capture_output=True, text=True)
+    loose = subprocess.run(
+        [sys.executable, script, ck, str(nodes), "--allow-translate"], capture_output=True, text=True
+    )
+    assert strict.returncode == 0 and loose.returncode == 0, strict.stderr + loose.stderr
+
+    def admitted(out: str) -> list[str]:
+        terms = yaml.safe_load(out)["affinity"]["nodeAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        return list(terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"])
+
+    assert admitted(strict.stdout) == ["this-machine-zen4-epyc-vm"]
+    assert admitted(loose.stdout) == ["amd-zen4", "this-machine-zen4-epyc-vm"]
+    only_zen2 = tmp_path / "zen2"
+    only_zen2.mkdir()
+    shutil.copy2(nodes / "amd-zen2.yaml", only_zen2)
+    assert subprocess.run([sys.executable, script, ck, str(only_zen2)], capture_output=True).returncode == 1
+
+
+def test_nfd_features() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "contrib" / "kubernetes" / "nfd-features"),
+            str(REPO / "contrib" / "hosts" / "intel-sapphire-rapids.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert "criu-xstate.xcr0=0x602e7" in out and "criu-xstate.amx-xtiledata=true" in out
+    assert "criu-xstate.user-size=2816" in out
