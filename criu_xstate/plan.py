@@ -346,7 +346,38 @@ def plan_frame(
     *,
     allow_relocation: bool = True,
 ) -> FrameDecision:
-    """Decide what one live frame needs on ``dest``."""
+    """Decide what one live frame needs on ``dest``.
+
+    ia32 frames carry the same XSAVE image (after a 112-byte FSAVE header) and are judged by the same
+    rules; one that would need any change is refused, because their FSAVE header and the stricter
+    compat sigreturn path (kernel.md §3.1) are not translated. As they are, they are kept.
+    """
+    decision = _plan_xsave_frame(frame, dest, source, allow_relocation=allow_relocation)
+    if frame.abi is Abi.X86_64:
+        return decision
+    header = frame.image[XSAVE_HEADER_OFFSET + 16 : XSAVE_HEADER_OFFSET + 64]
+    if decision.action is FrameAction.KEEP and not any(header):
+        return decision
+    needs = ", ".join(sorted({f.code for f in decision.findings if f.severity >= Severity.TRANSLATE}))
+    why = needs or "non-zero reserved XSAVE header bytes (the compat path rejects them)"
+    refusal = Finding(
+        "IA32_FRAME_UNSUPPORTED",
+        Severity.REFUSE,
+        f"tid {frame.tid} frame 0x{frame.address:x}",
+        f"{frame.abi.value} signal frame of a compat (32-bit) task would need: {why}; its FSAVE header "
+        "and the stricter compat sigreturn path are not translated",
+        "restore on a host with the same XSAVE features, layout and size",
+    )
+    return FrameDecision(frame, FrameAction.REFUSE, (refusal, *decision.findings))
+
+
+def _plan_xsave_frame(
+    frame: SignalFrame,
+    dest: HostFacts,
+    source: SourceFacts | None = None,
+    *,
+    allow_relocation: bool = True,
+) -> FrameDecision:
     subject = f"tid {frame.tid} frame 0x{frame.address:x}"
     findings: list[Finding] = []
 
@@ -368,15 +399,6 @@ def plan_frame(
     def refuse() -> FrameDecision:
         return FrameDecision(frame, FrameAction.REFUSE, tuple(findings))
 
-    if frame.abi is not Abi.X86_64:
-        add(
-            "IA32_FRAME_UNSUPPORTED",
-            Severity.REFUSE,
-            f"{frame.abi.value} signal frame of a compat (32-bit) task; its FSAVE header and stricter "
-            "sigreturn path are not translated",
-            "restore on a host with the same XSAVE features and layout",
-        )
-        return refuse()
     if frame.sw is None or frame.xsave_address is None:
         add(
             "FRAME_NO_FPU_CONTEXT",

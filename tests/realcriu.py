@@ -43,15 +43,17 @@ def skip_reason() -> str | None:
 
 
 def build_workload(name: str = "ymm_handler") -> Path:
-    src = WORKLOADS / f"{name}.c"
+    """Build a workload statically: C with glibc, or a 32-bit assembly program without libc (.S)."""
+    asm = WORKLOADS / f"{name}.S"
+    src = asm if asm.exists() else WORKLOADS / f"{name}.c"
     out = CACHE / "workloads" / name
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         out.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src), "-lpthread"],
-            check=True,
-            capture_output=True,
-        )
+        if src.suffix == ".S":
+            cmd = ["gcc", "-m32", "-nostdlib", "-static", "-o", str(out), str(src)]
+        else:
+            cmd = ["gcc", "-static", "-O2", "-Wall", "-o", str(out), str(src), "-lpthread"]
+        subprocess.run(cmd, check=True, capture_output=True)
     return out
 
 
@@ -102,7 +104,7 @@ class Workload:
     def start(self, timeout: float = 20.0) -> Workload:
         self.workdir.mkdir(parents=True, exist_ok=True)
         exe = self.exe or build_workload(self.binary)
-        if self.binary == "prof_vector":
+        if self.binary in ("prof_vector", "ia32_handler"):
             args = [str(exe), str(self.workdir)]
         else:
             args = [str(exe), str(self.workdir), str(self.seed), self.mode]

@@ -165,10 +165,14 @@ def test_ia32_rt_frame_is_detected_and_modelled() -> None:
     assert f.sw is not None and f.sw.xstate_size == 832
 
 
-def test_ia32_frame_is_refused_by_the_plan() -> None:
-    from criu_xstate.frames import Abi, Check, SignalFrame
-    from criu_xstate.plan import FrameAction, HostFacts, plan_frame
+def test_ia32_frame_is_kept_as_is_or_refused() -> None:
+    from dataclasses import replace
 
+    from criu_xstate.frames import Abi, Check, SignalFrame, SwBytes
+    from criu_xstate.plan import FrameAction, HostFacts, plan_frame
+    from tests.framebuild import xsave_image
+
+    img = xsave_image(832, 0x7, 0x7)
     f = SignalFrame(
         tid=3,
         abi=Abi.IA32_RT,
@@ -177,9 +181,20 @@ def test_ia32_frame_is_refused_by_the_plan() -> None:
         liveness=Liveness.LIVE,
         depth=0,
         checks=(Check("pretcode", True, ""),),
+        fpstate=0x1114,
+        xsave_address=0x1180,
+        sw=SwBytes(0x46505853, 836, 0x7, 832),
+        image=img,
+        interrupted_sp=0x3000,
     )
-    d = plan_frame(f, HostFacts("h", 0x7, 832, 0xFFFF, {2: (576, 256)}))
+    same = HostFacts("h", 0x7, 832, 0xFFFF, {2: (576, 256)})
+    assert plan_frame(f, same).action is FrameAction.KEEP
+    bigger = HostFacts("pkeys", 0x207, 2440, 0xFFFF, {2: (576, 256), 9: (2432, 8)})
+    d = plan_frame(f, bigger)
     assert d.action is FrameAction.REFUSE and d.findings[0].code == "IA32_FRAME_UNSUPPORTED"
+    assert "PKRU_MISSING_OPENS_KEYS" in d.findings[0].detail
+    dirty = replace(f, image=img[:540] + b"\x01" + img[541:])  # reserved header byte 28
+    assert plan_frame(dirty, same).action is FrameAction.REFUSE
 
 
 def test_frame_off_the_live_chain_is_a_candidate_not_live() -> None:

@@ -297,3 +297,36 @@ def test_incremental_dump_frames_are_read_through_the_parent(here: str, tmp_path
         assert lost and all("CORRUPT" in line for line in lost), lost
     finally:
         wl.kill()
+
+
+def test_ia32_task_frame_is_found_kept_on_this_host_and_refused_elsewhere(
+    here: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 32-bit process inside its handler: an rt_sigframe_ia32 (fpstate = frame + 276, FSAVE header,
+    XSAVE image at fpstate + 112). Same host: kept, and the restored task's ymm0..7 are intact.
+    A host that would need the frame changed: refused by name."""
+    import struct
+
+    wl = Workload(tmp_path / "wl", binary="ia32_handler")
+    try:
+        wl.start()
+    except (Unsupported, RuntimeError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot build or run a 32-bit workload here: {exc}")
+    try:
+        frame_addr = struct.unpack("<I", (wl.workdir / "frame.bin").read_bytes())[0]
+        images = tmp_path / "images"
+        wl.dump(images)
+        with open_checkpoint(images) as ck:
+            (t,) = list(load_model(ck).threads())
+            (f,) = t.frames.live
+        assert t.compat and f.abi.value == "ia32-rt" and f.address == frame_addr
+        assert f.fpstate == frame_addr + 276 and f.xsave_address == f.fpstate + 112 and f.kernel_layout
+        assert f.sw is not None and f.sw.xstate_size == hosts_user_size(here)
+        assert main(["plan", str(images), "--dest", here]) == 0
+        assert main(["plan", str(images), "--dest", ICX, "--json"]) == 1
+        assert "IA32_FRAME_UNSUPPORTED" in capsys.readouterr().out
+        wl.restore(images)
+        wl.release()
+        assert wl.result() == ["OK"]
+    finally:
+        wl.kill()
