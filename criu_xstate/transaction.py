@@ -88,8 +88,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
             n = os.write(fd, view)
             view = view[n:]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half-written files behind
+        raise
+    os.close(fd)
     with contextlib.suppress(FileNotFoundError):
         os.chmod(tmp, os.stat(path).st_mode & 0o7777)
     os.replace(tmp, path)

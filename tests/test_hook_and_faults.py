@@ -1,0 +1,100 @@
+"""The CRIU hook's modes and refusals (driven by the environment CRIU sets), and apply on a real full
+filesystem."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from criu_xstate.cli import main
+
+REPO = Path(__file__).parents[1]
+FIXTURE = REPO / "tests" / "fixtures" / "threads"
+HOSTS = REPO / "contrib" / "hosts"
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def _hook(
+    monkeypatch: pytest.MonkeyPatch,
+    images: Path,
+    dest: str,
+    action: str = "pre-restore",
+    mode: str | None = None,
+) -> int:
+    monkeypatch.setenv("CRTOOLS_SCRIPT_ACTION", action)
+    monkeypatch.setenv("CRTOOLS_IMAGE_DIR", str(images))
+    monkeypatch.setenv("CRIU_XSTATE_DEST", str(HOSTS / dest))
+    if mode:
+        monkeypatch.setenv("CRIU_XSTATE_MODE", mode)
+    else:
+        monkeypatch.delenv("CRIU_XSTATE_MODE", raising=False)
+    return main(["hook"])
+
+
+def test_hook_modes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = tmp_path / "ck"
+    shutil.copytree(FIXTURE, ck)
+    before = _snapshot(ck)
+    assert _hook(monkeypatch, ck, "amd-zen4.yaml", action="post-restore") == 0  # other actions: no-op
+    assert _hook(monkeypatch, ck, "this-machine-zen4-epyc-vm.yaml") == 0  # compatible: nothing written
+    assert _hook(monkeypatch, ck, "amd-zen4.yaml", mode="check") == 1  # needs apply, check mode refuses
+    assert _hook(monkeypatch, ck, "amd-zen2.yaml") == 1  # refused
+    assert _snapshot(ck) == before
+    assert "COMPONENT_IN_USE_MISSING_ON_DEST" in capsys.readouterr().err
+    assert _hook(monkeypatch, ck, "amd-zen4.yaml") == 0  # translated in place, journaled
+    assert json.loads((ck / ".criu-xstate-journal.json").read_text())["state"] == "complete"
+    assert _snapshot(ck) != before
+    assert main(["undo", str(ck)]) == 0
+    assert {k: v for k, v in _snapshot(ck).items() if not k.startswith(".")} == before
+
+
+def test_hook_refuses_a_checkpoint_with_a_pending_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = tmp_path / "ck"
+    shutil.copytree(FIXTURE, ck)
+    (ck / ".criu-xstate-journal.json").write_text(json.dumps({"state": "pending", "entries": []}))
+    assert _hook(monkeypatch, ck, "amd-zen4.yaml") == 2
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_apply_on_a_full_filesystem_changes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        ck = mnt / "ck"
+        shutil.copytree(FIXTURE, ck)
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)  # leave no room for the journal
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        before = _snapshot(ck)
+        rc = main(["apply", str(ck), "--dest", str(HOSTS / "amd-zen4.yaml"), "--in-place"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "nothing was changed" in err, err
+        after = {k: v for k, v in _snapshot(ck).items() if k != ".criu-xstate.lock"}  # the lock file stays
+        assert after == before and not (ck / ".criu-xstate-journal.json").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
