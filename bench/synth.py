@@ -6,33 +6,17 @@ so it costs no disk). The images are real CRIU framing and protobuf; the frames 
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 
 from criu_xstate.images.framing import CORE, INVENTORY, MM, PAGEMAP, PSTREE, encode_image
 from criu_xstate.images.pb import core_pb2, inventory_pb2, mm_pb2, pagemap_pb2, pstree_pb2
-from tests.framebuild import RESTORER, xsave_image
+from tests.framebuild import RESTORER, frame_bytes
 
 PAGE = 4096
 BIG_START = 0x10000000
 STACK_TOP = 0x7F0000000000
 STACK_SIZE = 64 * 1024
 SA_SIGINFO_RESTORER = 0x04000004
-
-
-def _frame_bytes(isp: int, stack_lo: int) -> tuple[int, bytes]:
-    """A 64-bit rt_sigframe + XSAVE image for a signal that interrupted ``isp``; (frame address, bytes)."""
-    fpstate = (isp - 128 - (832 + 4)) & ~63
-    frame = fpstate - 456
-    raw = bytearray(456)
-    struct.pack_into("<Q", raw, 0, RESTORER)
-    struct.pack_into("<Q", raw, 8, 0x7)
-    struct.pack_into("<Q", raw, 48 + 120, isp)
-    struct.pack_into("<H", raw, 48 + 144, 0x33)
-    struct.pack_into("<Q", raw, 48 + 184, fpstate)
-    struct.pack_into("<i", raw, 312, 10)
-    image = xsave_image(832, 0x7, 0x7)
-    return frame, bytes(raw) + image
 
 
 def build(dest: Path, threads: int, big_gib: float) -> dict[str, int]:
@@ -72,7 +56,7 @@ def build(dest: Path, threads: int, big_gib: float) -> dict[str, int]:
         for i, tid in enumerate(tids):
             lo, hi = stacks[i]
             isp = hi - 2048
-            frame, data = _frame_bytes(isp, lo)
+            frame, _, data = frame_bytes(isp, restorer=RESTORER)
             os.pwrite(fd, data, offset_of[lo] + frame - lo)
             core = core_pb2.core_entry(mtype=1)
             ti = core.thread_info

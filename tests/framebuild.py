@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from criu_xstate.errors import MemoryUnreadable
 from criu_xstate.frames import (
@@ -68,8 +69,7 @@ def xsave_image(
     return bytes(img)
 
 
-def place_frame(
-    mem: FakeMemory,
+def frame_bytes(
     interrupted_sp: int,
     *,
     xstate_size: int = 832,
@@ -79,13 +79,14 @@ def place_frame(
     signo: int = 10,
     on_altstack_top: int | None = None,
     sigmask: int = 0,
-) -> tuple[int, int]:
-    """Write a kernel-style 64-bit frame for a signal interrupting ``interrupted_sp``: (frame, fpstate)."""
+) -> tuple[int, int, bytes]:
+    """A kernel-style 64-bit frame for a signal interrupting ``interrupted_sp``: (frame, fpstate, bytes
+    from the frame to the end of its XSAVE image)."""
     top = on_altstack_top if on_altstack_top is not None else interrupted_sp - RED_ZONE
     fpstate = (top - (xstate_size + 4)) & ~63
     frame = fpstate - RT_KERNEL_FPSTATE_OFFSET
     assert frame % 16 == 8
-    raw = bytearray(440)
+    raw = bytearray(RT_KERNEL_FPSTATE_OFFSET)
     struct.pack_into("<Q", raw, 0, restorer)
     struct.pack_into("<Q", raw, 8, 0x7)
     struct.pack_into("<Q", raw, 48 + 120, interrupted_sp)
@@ -95,6 +96,11 @@ def place_frame(
     struct.pack_into("<Q", raw, 48 + 184, fpstate)
     struct.pack_into("<Q", raw, 304, sigmask)
     struct.pack_into("<i", raw, 312, signo)
-    mem.write(frame, bytes(raw))
-    mem.write(fpstate, xsave_image(xstate_size, xfeatures, xstate_bv))
+    return frame, fpstate, bytes(raw) + xsave_image(xstate_size, xfeatures, xstate_bv)
+
+
+def place_frame(mem: FakeMemory, interrupted_sp: int, **kwargs: Any) -> tuple[int, int]:
+    """Write a kernel-style 64-bit frame (see :func:`frame_bytes`) into ``mem``: (frame, fpstate)."""
+    frame, fpstate, data = frame_bytes(interrupted_sp, **kwargs)
+    mem.write(frame, data)
     return frame, fpstate
