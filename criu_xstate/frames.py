@@ -27,56 +27,30 @@ from enum import StrEnum
 from typing import Protocol
 
 from criu_xstate.errors import MemoryUnreadable
+from criu_xstate.x86.sigframe import (
+    FP_XSTATE_MAGIC1,
+    FP_XSTATE_MAGIC2,
+    IA32_FSAVE_HEADER,
+    IA32_KERNEL_FPSTATE_OFFSET,
+    IA32_RT_KERNEL_FPSTATE_OFFSET,
+    MIN_XSTATE_SIZE,
+    MXCSR_OFFSET,
+    RT_KERNEL_FPSTATE_OFFSET,
+    RT_SIGFRAME_64,
+    RT_SIGFRAME_IA32,
+    SA_SIGINFO,
+    SIGFRAME_IA32,
+    SW_BYTES,
+    SW_BYTES_OFFSET,
+    UC_KNOWN_FLAGS,
+    USER_CS_32,
+    USER_CS_64,
+    XSAVE_HEADER_OFFSET,
+)
 
-# --- x86-64 struct rt_sigframe (arch/x86/include/asm/sigframe.h), offsets from the frame start -------
-RT_PRETCODE = 0
-RT_UC_FLAGS = 8
-RT_UC_LINK = 16
-RT_UC_STACK_SP = 24
-RT_UC_STACK_FLAGS = 32
-RT_UC_STACK_SIZE = 40
-RT_MCONTEXT = 48
-RT_SC_SP = RT_MCONTEXT + 120
-RT_SC_IP = RT_MCONTEXT + 128
-RT_SC_CS = RT_MCONTEXT + 144
-RT_SC_OLDMASK = RT_MCONTEXT + 168
-RT_SC_FPSTATE = RT_MCONTEXT + 184  # frame + 232
-RT_UC_SIGMASK = 304
-RT_INFO = 312
-RT_SIGFRAME_SIZE = 440
-RT_KERNEL_FPSTATE_OFFSET = 456  # fpstate == frame + 456 for kernel-built 64-bit frames
-RED_ZONE = 128
-
-# --- ia32 frames (compat tasks) -----------------------------------------------------------------------
-IA32_RT_SIGFRAME_SIZE = 268
-IA32_RT_FPSTATE_PTR = 164 + 76  # uc_mcontext (sigcontext_32) at +164, fpstate at +76
-IA32_RT_KERNEL_FPSTATE_OFFSET = 276
-IA32_SIGFRAME_SIZE = 736
-IA32_FPSTATE_PTR = 8 + 76  # sigcontext_32 at +8
-IA32_KERNEL_FPSTATE_OFFSET = 740
-IA32_FSAVE_HEADER = 112  # FSAVE-format header before the FXSAVE/XSAVE image
-
-# --- the XSAVE image in a frame (kernel.md §2) --------------------------------------------------------
-FP_XSTATE_MAGIC1 = 0x46505853
-FP_XSTATE_MAGIC2 = 0x46505845
-SW_BYTES_OFFSET = 464
-XSAVE_HEADER_OFFSET = 512
-MIN_XSTATE_SIZE = 576  # legacy 512 + header 64
+RT_SIGFRAME_SIZE = RT_SIGFRAME_64.size
+RT_SC_FPSTATE = RT_SIGFRAME_64.offset("fpstate")
 MAX_XSTATE_SIZE = 1 << 20  # hostile-input bound: no CPU has an XSAVE area near this
-MXCSR_OFFSET = 24
-
-UC_FP_XSTATE = 0x1
-UC_SIGCONTEXT_SS = 0x2
-UC_STRICT_RESTORE_SS = 0x4
-UC_KNOWN_FLAGS = UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
-
-SA_SIGINFO = 0x4
-SA_ONSTACK = 0x08000000
-SA_RESTORER = 0x04000000
-
-USER_CS_64 = 0x33
-USER_CS_32 = 0x23
-
 SCAN_CHUNK = 1 << 16
 MAX_SCAN_BYTES = 64 << 20  # a stack deeper than this is refused as hostile
 STALE_WINDOW = 64 << 10  # how far below SP stale frames are looked for (reported, never rewritten)
@@ -142,8 +116,7 @@ class SwBytes:
 
     @classmethod
     def parse(cls, image: bytes) -> SwBytes:
-        magic1, extended, xfeatures, xstate_size = struct.unpack_from("<IIQI", image, SW_BYTES_OFFSET)
-        return cls(magic1, extended, xfeatures, xstate_size)
+        return cls(**SW_BYTES.parse(image[SW_BYTES_OFFSET : SW_BYTES_OFFSET + SW_BYTES.size]))
 
 
 @dataclass(frozen=True)
@@ -185,11 +158,9 @@ class SignalFrame:
 
     @property
     def size(self) -> int:
-        return (
-            RT_SIGFRAME_SIZE
-            if self.abi is Abi.X86_64
-            else (IA32_RT_SIGFRAME_SIZE if self.abi is Abi.IA32_RT else IA32_SIGFRAME_SIZE)
-        )
+        return {Abi.X86_64: RT_SIGFRAME_64, Abi.IA32_RT: RT_SIGFRAME_IA32, Abi.IA32: SIGFRAME_IA32}[
+            self.abi
+        ].size
 
     @property
     def end(self) -> int:
@@ -372,17 +343,17 @@ def examine_frame_64(
     """Run every check on a 64-bit candidate frame at ``address``; liveness is decided by the caller."""
     checks: list[Check] = []
     restorers = {sa.restorer for sa in sigactions if sa.restorer}
-    raw = memory.read(address, RT_SIGFRAME_SIZE)
-    pretcode = _u64(raw, RT_PRETCODE)
-    uc_flags = _u64(raw, RT_UC_FLAGS)
-    uc_link = _u64(raw, RT_UC_LINK)
-    isp = _u64(raw, RT_SC_SP)
-    iip = _u64(raw, RT_SC_IP)
-    cs = _u16(raw, RT_SC_CS)
-    fpstate = _u64(raw, RT_SC_FPSTATE)
-    sigmask = _u64(raw, RT_UC_SIGMASK)
-    oldmask = _u64(raw, RT_SC_OLDMASK)
-    info_signo = _u32(raw, RT_INFO)
+    fields = RT_SIGFRAME_64.parse(memory.read(address, RT_SIGFRAME_64.size))
+    pretcode = fields["pretcode"]
+    uc_flags = fields["uc_flags"]
+    uc_link = fields["uc_link"]
+    isp = fields["sp"]
+    iip = fields["ip"]
+    cs = fields["cs"]
+    fpstate = fields["fpstate"]
+    sigmask = fields["sigmask"]
+    oldmask = fields["oldmask"]
+    info_signo = fields["si_signo"]
 
     checks.append(Check("alignment", address % 16 == 8, f"frame 0x{address:x} % 16 == {address % 16}"))
     checks.append(Check("pretcode", pretcode in restorers, f"pretcode 0x{pretcode:x}"))
@@ -459,17 +430,15 @@ def examine_frame_ia32(
     memory: Memory, address: int, stack: StackKind, sigactions: Sequence[Sigaction], tid: int, rt: bool
 ) -> SignalFrame:
     """Run the checks on an ia32 candidate (``rt_sigframe_ia32`` or ``sigframe_ia32``)."""
-    size = IA32_RT_SIGFRAME_SIZE if rt else IA32_SIGFRAME_SIZE
-    ptr_off = IA32_RT_FPSTATE_PTR if rt else IA32_FPSTATE_PTR
+    layout = RT_SIGFRAME_IA32 if rt else SIGFRAME_IA32
     kernel_off = IA32_RT_KERNEL_FPSTATE_OFFSET if rt else IA32_KERNEL_FPSTATE_OFFSET
-    sc = 164 if rt else 8
-    raw = memory.read(address, size)
+    fields = layout.parse(memory.read(address, layout.size))
     restorers = {sa.restorer & 0xFFFFFFFF for sa in sigactions if sa.restorer}
-    pretcode = _u32(raw, 0)
-    fpstate = _u32(raw, ptr_off)
-    isp = _u32(raw, sc + 28)
-    iip = _u32(raw, sc + 56)
-    cs = _u32(raw, sc + 60) & 0xFFFF
+    pretcode = fields["pretcode"]
+    fpstate = fields["fpstate"]
+    isp = fields["sp"]
+    iip = fields["ip"]
+    cs = fields["cs"] & 0xFFFF
     checks = [
         Check("alignment", (address + 4) % 16 == 0, f"(frame+4) % 16 == {(address + 4) % 16}"),
         Check("pretcode", pretcode in restorers, f"pretcode 0x{pretcode:x}"),
@@ -496,7 +465,7 @@ def examine_frame_ia32(
         liveness=Liveness.INVALID,
         depth=None,
         checks=tuple(checks),
-        signo=_u32(raw, 4) or None,
+        signo=fields["sig"] or None,
         interrupted_ip=iip,
         interrupted_sp=isp,
         fpstate=fpstate or None,
@@ -543,8 +512,8 @@ def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigac
                 continue
             try:
                 if thread.compat:
-                    size_rt = memory.read(addr, IA32_RT_SIGFRAME_SIZE)
-                    is_rt = _u32(size_rt, IA32_RT_FPSTATE_PTR) == addr + IA32_RT_KERNEL_FPSTATE_OFFSET
+                    as_rt = RT_SIGFRAME_IA32.parse(memory.read(addr, RT_SIGFRAME_IA32.size))
+                    is_rt = as_rt["fpstate"] == addr + IA32_RT_KERNEL_FPSTATE_OFFSET
                     examined[addr] = examine_frame_ia32(
                         memory, addr, stack.kind, sigactions, thread.tid, is_rt
                     )

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
-from criu_xstate.frames import XSAVE_HEADER_OFFSET, Abi, SignalFrame
+from criu_xstate.frames import Abi, SignalFrame
+from criu_xstate.x86.sigframe import XSAVE_HEADER_OFFSET
 from criu_xstate.x86.xfeatures import (
     AMD_OFFSETS,
     APX,

@@ -20,14 +20,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from criu_xstate.frames import (
-    FP_XSTATE_MAGIC1,
-    FP_XSTATE_MAGIC2,
-    RT_SC_FPSTATE,
-    SW_BYTES_OFFSET,
-    XSAVE_HEADER_OFFSET,
-)
+from criu_xstate.frames import RT_SC_FPSTATE
 from criu_xstate.plan import FrameAction, FrameDecision, HostFacts
+from criu_xstate.x86.sigframe import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET, XSAVE_HEADER_OFFSET
 from criu_xstate.x86.xfeatures import PKRU, bits, state_bytes
 
 LEGACY_COPY = SW_BYTES_OFFSET  # bytes 0..463: FXSAVE state and its reserved tail; sw bytes are rebuilt

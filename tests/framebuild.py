@@ -11,11 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from criu_xstate.errors import MemoryUnreadable
-from criu_xstate.frames import (
+from criu_xstate.x86.sigframe import (
     FP_XSTATE_MAGIC1,
     FP_XSTATE_MAGIC2,
+    MXCSR_OFFSET,
     RED_ZONE,
     RT_KERNEL_FPSTATE_OFFSET,
+    RT_SIGFRAME_64,
+    SW_BYTES,
     SW_BYTES_OFFSET,
     XSAVE_HEADER_OFFSET,
 )
@@ -60,11 +63,16 @@ def xsave_image(
     xstate_size: int, xfeatures: int, xstate_bv: int, mxcsr: int = 0x1F80, fill: int = 0
 ) -> bytes:
     img = bytearray(bytes([fill]) * xstate_size + b"\0\0\0\0")
-    struct.pack_into("<I", img, 24, mxcsr)
-    struct.pack_into("<IIQI", img, SW_BYTES_OFFSET, FP_XSTATE_MAGIC1, xstate_size + 4, xfeatures, xstate_size)
-    img[SW_BYTES_OFFSET + 20 : SW_BYTES_OFFSET + 48] = bytes(28)
-    img[XSAVE_HEADER_OFFSET : XSAVE_HEADER_OFFSET + 64] = bytes(64)
-    struct.pack_into("<Q", img, XSAVE_HEADER_OFFSET, xstate_bv)
+    struct.pack_into("<I", img, MXCSR_OFFSET, mxcsr)
+    img[SW_BYTES_OFFSET : SW_BYTES_OFFSET + SW_BYTES.size] = SW_BYTES.build(
+        {
+            "magic1": FP_XSTATE_MAGIC1,
+            "extended_size": xstate_size + 4,
+            "xfeatures": xfeatures,
+            "xstate_size": xstate_size,
+        }
+    )
+    img[XSAVE_HEADER_OFFSET : XSAVE_HEADER_OFFSET + 64] = struct.pack("<Q", xstate_bv) + bytes(56)
     struct.pack_into("<I", img, xstate_size, FP_XSTATE_MAGIC2)
     return bytes(img)
 
@@ -86,16 +94,19 @@ def frame_bytes(
     fpstate = (top - (xstate_size + 4)) & ~63
     frame = fpstate - RT_KERNEL_FPSTATE_OFFSET
     assert frame % 16 == 8
-    raw = bytearray(RT_KERNEL_FPSTATE_OFFSET)
-    struct.pack_into("<Q", raw, 0, restorer)
-    struct.pack_into("<Q", raw, 8, 0x7)
-    struct.pack_into("<Q", raw, 48 + 120, interrupted_sp)
-    struct.pack_into("<Q", raw, 48 + 128, 0x401234)
-    struct.pack_into("<H", raw, 48 + 144, 0x33)
-    struct.pack_into("<Q", raw, 48 + 168, sigmask)
-    struct.pack_into("<Q", raw, 48 + 184, fpstate)
-    struct.pack_into("<Q", raw, 304, sigmask)
-    struct.pack_into("<i", raw, 312, signo)
+    raw = RT_SIGFRAME_64.build(
+        {
+            "pretcode": restorer,
+            "uc_flags": 0x7,
+            "sp": interrupted_sp,
+            "ip": 0x401234,
+            "cs": 0x33,
+            "oldmask": sigmask,
+            "fpstate": fpstate,
+            "sigmask": sigmask,
+            "si_signo": signo,
+        }
+    ) + bytes(RT_KERNEL_FPSTATE_OFFSET - RT_SIGFRAME_64.size)
     return frame, fpstate, bytes(raw) + xsave_image(xstate_size, xfeatures, xstate_bv)
 
 

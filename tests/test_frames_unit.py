@@ -8,18 +8,8 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from criu_xstate.frames import (
-    FP_XSTATE_MAGIC1,
-    FP_XSTATE_MAGIC2,
-    SA_ONSTACK,
-    SA_RESTORER,
-    SA_SIGINFO,
-    Liveness,
-    Sigaction,
-    StackKind,
-    ThreadStacks,
-    find_frames,
-)
+from criu_xstate.frames import Liveness, Sigaction, StackKind, ThreadStacks, find_frames
+from criu_xstate.x86.sigframe import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SA_ONSTACK, SA_RESTORER, SA_SIGINFO
 from tests.framebuild import RESTORER, FakeMemory, place_frame
 
 STACK_LO = 0x7FFF_0000_0000
@@ -209,3 +199,21 @@ def test_frame_off_the_live_chain_is_a_candidate_not_live() -> None:
     assert found.live == []
     (f,) = found.frames
     assert f.address == alt_frame and f.liveness is Liveness.CANDIDATE and not f.failed
+
+
+def test_declared_layouts_match_the_kernel_offsets() -> None:
+    """kernel.md §1.1, §1.5 (verified by research/kernel-probes/layout.c on 6.18)."""
+    from criu_xstate.x86.sigframe import RT_SIGFRAME_64, RT_SIGFRAME_IA32, SIGFRAME_IA32
+
+    assert (RT_SIGFRAME_64.size, RT_SIGFRAME_64.offset("fpstate"), RT_SIGFRAME_64.offset("sigmask")) == (
+        440,
+        232,
+        304,
+    )
+    assert RT_SIGFRAME_64.offset("sp") == 168 and RT_SIGFRAME_64.offset("si_signo") == 312
+    assert (RT_SIGFRAME_IA32.size, RT_SIGFRAME_IA32.offset("fpstate")) == (268, 240)
+    assert (SIGFRAME_IA32.size, SIGFRAME_IA32.offset("fpstate")) == (736, 84)
+    values = {"pretcode": 1, "fpstate": 0x7FFC0000, "si_signo": -1, "cs": 0x33}
+    assert {
+        k: v for k, v in RT_SIGFRAME_64.parse(RT_SIGFRAME_64.build(values)).items() if k in values
+    } == values

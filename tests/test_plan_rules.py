@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from criu_xstate.frames import SA_RESTORER, SA_SIGINFO, Sigaction, SignalFrame, ThreadStacks, find_frames
+from criu_xstate.frames import Sigaction, SignalFrame, ThreadStacks, find_frames
 from criu_xstate.plan import (
     FrameAction,
     HostFacts,
@@ -18,6 +18,7 @@ from criu_xstate.plan import (
     plan_frame,
     plan_thread_state,
 )
+from criu_xstate.x86.sigframe import SA_RESTORER, SA_SIGINFO
 from criu_xstate.x86.xfeatures import AMD_OFFSETS, INIT_PKRU, INTEL_OFFSETS
 from tests.framebuild import RESTORER, FakeMemory, place_frame
 

@@ -1,0 +1,130 @@
+"""Signal-frame layouts as the kernel declares them (arch/x86/include/asm/sigframe.h, uapi
+sigcontext.h; offsets verified on 6.18 by research/kernel-probes/layout.c), declared once and used
+both to parse frames found in checkpoints and to build frames in tests.
+
+Only the fields criu-xstate reads or writes are named; the rest of each structure is opaque bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int
+    fmt: str  # struct format of one little-endian value: "Q", "I", "H", "i"
+
+
+@dataclass(frozen=True)
+class Struct:
+    name: str
+    size: int
+    fields: tuple[Field, ...]
+
+    def field(self, name: str) -> Field:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"{self.name} has no field {name}")
+
+    def offset(self, name: str) -> int:
+        return self.field(name).offset
+
+    def parse(self, buf: bytes) -> dict[str, int]:
+        if len(buf) < self.size:
+            raise ValueError(f"{self.name}: {len(buf)} bytes, need {self.size}")
+        return {f.name: int(struct.unpack_from("<" + f.fmt, buf, f.offset)[0]) for f in self.fields}
+
+    def build(self, values: Mapping[str, int], base: bytes | None = None) -> bytes:
+        out = bytearray(base if base is not None else bytes(self.size))
+        for name, value in values.items():
+            f = self.field(name)
+            struct.pack_into("<" + f.fmt, out, f.offset, value)
+        return bytes(out)
+
+
+_MCONTEXT = 48  # uc.uc_mcontext (struct sigcontext_64) inside struct rt_sigframe
+
+RT_SIGFRAME_64 = Struct(
+    "rt_sigframe",
+    440,
+    (
+        Field("pretcode", 0, "Q"),
+        Field("uc_flags", 8, "Q"),
+        Field("uc_link", 16, "Q"),
+        Field("ss_sp", 24, "Q"),
+        Field("ss_flags", 32, "i"),
+        Field("ss_size", 40, "Q"),
+        Field("sp", _MCONTEXT + 120, "Q"),
+        Field("ip", _MCONTEXT + 128, "Q"),
+        Field("cs", _MCONTEXT + 144, "H"),
+        Field("oldmask", _MCONTEXT + 168, "Q"),
+        Field("fpstate", _MCONTEXT + 184, "Q"),  # frame + 232
+        Field("sigmask", 304, "Q"),
+        Field("si_signo", 312, "i"),  # written only with SA_SIGINFO
+    ),
+)
+RT_KERNEL_FPSTATE_OFFSET = 456  # kernel-built 64-bit frames: fpstate == frame + 456
+RED_ZONE = 128  # 64-bit frames are placed below the interrupted SP's red zone
+
+_SC32_RT = 164  # uc.uc_mcontext (struct sigcontext_32) inside struct rt_sigframe_ia32
+RT_SIGFRAME_IA32 = Struct(
+    "rt_sigframe_ia32",
+    268,
+    (
+        Field("pretcode", 0, "I"),
+        Field("sig", 4, "I"),
+        Field("sp", _SC32_RT + 28, "I"),
+        Field("ip", _SC32_RT + 56, "I"),
+        Field("cs", _SC32_RT + 60, "I"),
+        Field("fpstate", _SC32_RT + 76, "I"),
+    ),
+)
+_SC32 = 8  # struct sigcontext_32 inside struct sigframe_ia32
+SIGFRAME_IA32 = Struct(
+    "sigframe_ia32",
+    736,
+    (
+        Field("pretcode", 0, "I"),
+        Field("sig", 4, "I"),
+        Field("sp", _SC32 + 28, "I"),
+        Field("ip", _SC32 + 56, "I"),
+        Field("cs", _SC32 + 60, "I"),
+        Field("fpstate", _SC32 + 76, "I"),
+    ),
+)
+IA32_RT_KERNEL_FPSTATE_OFFSET = 276
+IA32_KERNEL_FPSTATE_OFFSET = 740
+IA32_FSAVE_HEADER = 112  # FSAVE-format header before the FXSAVE/XSAVE image on ia32 frames
+
+# The XSAVE image (kernel.md §2): legacy FXSAVE area, struct _fpx_sw_bytes at +464, header at +512.
+FP_XSTATE_MAGIC1 = 0x46505853
+FP_XSTATE_MAGIC2 = 0x46505845
+MXCSR_OFFSET = 24
+SW_BYTES = Struct(
+    "_fpx_sw_bytes",
+    48,
+    (
+        Field("magic1", 0, "I"),
+        Field("extended_size", 4, "I"),
+        Field("xfeatures", 8, "Q"),
+        Field("xstate_size", 16, "I"),
+    ),
+)
+SW_BYTES_OFFSET = 464
+XSAVE_HEADER_OFFSET = 512
+MIN_XSTATE_SIZE = 576  # legacy 512 + header 64
+
+UC_FP_XSTATE = 0x1
+UC_SIGCONTEXT_SS = 0x2
+UC_STRICT_RESTORE_SS = 0x4
+UC_KNOWN_FLAGS = UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS
+USER_CS_64 = 0x33
+USER_CS_32 = 0x23
+SA_SIGINFO = 0x4
+SA_ONSTACK = 0x08000000
+SA_RESTORER = 0x04000000
