@@ -58,7 +58,7 @@ mkdir -p /dev/pts /tmp /out
 mount -t devpts devpts /dev/pts
 ifconfig lo 127.0.0.1 up
 for m in $(cat /modules.list); do insmod /mods/$(basename $m) 2>/dev/null; done
-echo $(( 20000 + $(od -An -N2 -tu2 /dev/urandom) % 10000 )) > /proc/sys/kernel/ns_last_pid
+echo 4194304 > /proc/sys/kernel/pid_max  # restored host tasks keep their (possibly large) pids
 echo "minsigstksz $(grep -c . /proc/self/auxv)" > /dev/null
 sh /scenario.sh > /out/scenario.log 2>&1
 echo "scenario exit $?" >> /out/scenario.log
@@ -315,12 +315,28 @@ def run_guest(
     return GuestResult(out, console, seconds)
 
 
+PID_WINDOW = 400
+
+
+def free_pid_window() -> int:
+    """A pid from which PID_WINDOW pids are free here and will stay free: a guest task created there
+    can be restored on this host. Below the host's last pid (the host only comes back after wrapping
+    at pid_max), else far above it."""
+    last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
+    starts = list(range(last - PID_WINDOW - 1000, 2000, -PID_WINDOW)) or [last + 1_000_000]
+    for base in starts:
+        if not any(Path(f"/proc/{p}").exists() for p in range(base, base + PID_WINDOW)):
+            return base
+    return last + 1_000_000
+
+
 def dump_scenario(mode: str = "siginfo", seed: int = 11) -> str:
     """Start the workload as uid 1000 inside its handler, dump it with CRIU, keep its ground truth."""
     return f"""
 W={SHARED}/wl
 mkdir -p $W && chown 1000:1000 $W
 /bin/probe-dump > /out/probe.txt
+echo {free_pid_window()} > /proc/sys/kernel/ns_last_pid
 su -s /bin/sh user -c "setsid {SHARED}/bin/ymm_handler $W {seed} {mode} </dev/null >/dev/null 2>&1 &"
 for i in $(seq 1 300); do [ -e $W/ready ] && break; sleep 0.1; done
 sleep 0.2
