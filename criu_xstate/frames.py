@@ -545,7 +545,9 @@ def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigac
             break
         live.append(nxt)
         frame = examined[nxt]
-        if frame.interrupted_sp <= nxt:  # a chain must go outwards; anything else is hostile
+        # On one stack a chain goes outwards (up); across stacks (altstack -> the interrupted stack)
+        # the next frame may sit at any address. Anything else is hostile: stop.
+        if frame.interrupted_sp in stack and frame.interrupted_sp <= nxt:
             break
         cursor = frame.interrupted_sp
         seen_stacks += 1

@@ -217,3 +217,15 @@ def test_declared_layouts_match_the_kernel_offsets() -> None:
     assert {
         k: v for k, v in RT_SIGFRAME_64.parse(RT_SIGFRAME_64.build(values)).items() if k in values
     } == values
+
+
+def test_altstack_above_the_normal_stack_still_chains() -> None:
+    """Across stacks the interrupted SP may lie below the frame (an altstack mapped above the stack)."""
+    mem = _memory()
+    alt_lo, alt_size = STACK_HI + 0x100000, 0x4000
+    mem.add(alt_lo, alt_size)
+    outer, _ = place_frame(mem, STACK_HI - 0x800)
+    alt_frame, _ = place_frame(mem, outer - 0x40, on_altstack_top=alt_lo + alt_size)
+    thread = ThreadStacks(tid=7, sp=alt_frame - 0x100, altstack=(alt_lo, alt_size))
+    found = find_frames(thread, mem, SIGACTIONS)
+    assert [(f.address, f.depth) for f in found.live] == [(alt_frame, 0), (outer, 1)]
