@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from criu_xstate import hosts
+from criu_xstate.errors import ProfileError
 from criu_xstate.model import CheckpointModel
 from criu_xstate.plan import HostFacts, Plan, SourceFacts, make_plan
 from criu_xstate.x86.xfeatures import implied_flags
@@ -45,7 +46,10 @@ def load_destinations(paths: Sequence[str]) -> list[Destination]:
 def load_source(path: str | None, model: CheckpointModel) -> SourceFacts | None:
     """The source host: a --src profile, else the checkpoint's cpuinfo.img (CRIU --cpu-cap), else None."""
     if path is not None:
-        (profile,) = hosts.load_profiles(Path(path))[:1]
+        profiles = hosts.load_profiles(Path(path))
+        if len(profiles) != 1:
+            raise ProfileError(path, f"--src needs one profile, found {len(profiles)}")
+        (profile,) = profiles
         f = facts_from_profile(profile)
         return SourceFacts(profile.name, dict(f.offsets), f.flags)
     cpuinfo = model.checkpoint.cpuinfo()

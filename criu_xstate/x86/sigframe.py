@@ -71,32 +71,25 @@ RT_SIGFRAME_64 = Struct(
 RT_KERNEL_FPSTATE_OFFSET = 456  # kernel-built 64-bit frames: fpstate == frame + 456
 RED_ZONE = 128  # 64-bit frames are placed below the interrupted SP's red zone
 
-_SC32_RT = 164  # uc.uc_mcontext (struct sigcontext_32) inside struct rt_sigframe_ia32
-RT_SIGFRAME_IA32 = Struct(
-    "rt_sigframe_ia32",
-    268,
-    (
-        Field("pretcode", 0, "I"),
-        Field("sig", 4, "I"),
-        Field("sp", _SC32_RT + 28, "I"),
-        Field("ip", _SC32_RT + 56, "I"),
-        Field("cs", _SC32_RT + 60, "I"),
-        Field("fpstate", _SC32_RT + 76, "I"),
-    ),
-)
-_SC32 = 8  # struct sigcontext_32 inside struct sigframe_ia32
-SIGFRAME_IA32 = Struct(
-    "sigframe_ia32",
-    736,
-    (
-        Field("pretcode", 0, "I"),
-        Field("sig", 4, "I"),
-        Field("sp", _SC32 + 28, "I"),
-        Field("ip", _SC32 + 56, "I"),
-        Field("cs", _SC32 + 60, "I"),
-        Field("fpstate", _SC32 + 76, "I"),
-    ),
-)
+
+def _ia32(name: str, size: int, sigcontext: int) -> Struct:
+    """ia32 frames: u32 pretcode and sig, then a struct sigcontext_32 at ``sigcontext``."""
+    return Struct(
+        name,
+        size,
+        (
+            Field("pretcode", 0, "I"),
+            Field("sig", 4, "I"),
+            Field("sp", sigcontext + 28, "I"),
+            Field("ip", sigcontext + 56, "I"),
+            Field("cs", sigcontext + 60, "I"),
+            Field("fpstate", sigcontext + 76, "I"),
+        ),
+    )
+
+
+RT_SIGFRAME_IA32 = _ia32("rt_sigframe_ia32", 268, 164)  # uc.uc_mcontext at +164
+SIGFRAME_IA32 = _ia32("sigframe_ia32", 736, 8)  # sc at +8
 IA32_RT_KERNEL_FPSTATE_OFFSET = 276
 IA32_KERNEL_FPSTATE_OFFSET = 740
 IA32_FSAVE_HEADER = 112  # FSAVE-format header before the FXSAVE/XSAVE image on ia32 frames
