@@ -319,15 +319,17 @@ PID_WINDOW = 400
 
 
 def free_pid_window() -> int:
-    """A pid from which PID_WINDOW pids are free here and will stay free: a guest task created there
-    can be restored on this host. Below the host's last pid (the host only comes back after wrapping
-    at pid_max), else far above it."""
+    """A pid from which PID_WINDOW pids are free here and will stay free, so that a guest task created
+    there can be restored on this host: just below the host's last pid (the host allocates upwards
+    and comes back only after wrapping at its pid_max, often 32768), else just below pid_max."""
     last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
-    starts = list(range(last - PID_WINDOW - 1000, 2000, -PID_WINDOW)) or [last + 1_000_000]
-    for base in starts:
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    below = range(last - PID_WINDOW - 100, 300, -PID_WINDOW)
+    ahead = range(pid_max - PID_WINDOW - 1, last + 5000, -PID_WINDOW)
+    for base in (*below, *ahead):
         if not any(Path(f"/proc/{p}").exists() for p in range(base, base + PID_WINDOW)):
             return base
-    return last + 1_000_000
+    raise RuntimeError("no free window of pids on this host for guest workloads")
 
 
 def dump_scenario(mode: str = "siginfo", seed: int = 11) -> str:
