@@ -10,12 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from criu_xstate import __version__
-from criu_xstate.errors import CriuXstateError
-
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 3
+from criu_xstate.errors import CriuXstateError, ExitCode
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -141,8 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_cmd_apply)
 
-    p = sub.add_parser("undo", help="restore a checkpoint changed by apply --in-place from its journal")
+    p = sub.add_parser(
+        "undo", help="return a checkpoint changed by apply --in-place or the hook to the original dump"
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument(
+        "--forget",
+        action="store_true",
+        help="drop the journal without changing the images (they are a new dump)",
+    )
     p.set_defaults(handler=_cmd_undo)
 
     p = sub.add_parser("hook", help="CRIU action script: translate or refuse at pre-restore")
@@ -151,26 +153,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """Errors are one line, and never carry terminal control characters from hostile input."""
+    return "".join(c if c.isprintable() else " " if c in "\n\r\t" else f"\\x{ord(c):02x}" for c in text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors are exit 2, --help/--version exit 0
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_BAD_INPUT
+        return int(exc.code) if isinstance(exc.code, int) else ExitCode.BAD_INPUT
     handler: Handler = args.handler
     try:
         return handler(args)
     except CriuXstateError as exc:
-        print(f"criu-xstate: error: {exc}", file=sys.stderr)
+        print(f"criu-xstate: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # an I/O error no layer anticipated: still one line, still "bad input"
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"criu-xstate: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("criu-xstate: interrupted", file=sys.stderr)
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
     except BrokenPipeError:
-        return EXIT_OK
+        return ExitCode.OK
     except Exception as exc:
         print(f"criu-xstate: internal error: {type(exc).__name__}: {exc} (please report)", file=sys.stderr)
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
 
 
 if __name__ == "__main__":

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
 from pathlib import Path
+
+
+class ExitCode(IntEnum):
+    """The exit-code contract of every command and of the CRIU hook (README "Exit codes")."""
+
+    OK = 0  # safe: as is, or after apply
+    REFUSED = 1  # state would be lost or the task killed; compare: B lacks something
+    BAD_INPUT = 2  # bad usage, unreadable or invalid input, a write that was refused or rolled back
+    INTERNAL = 3  # a bug, or a translation that did not verify
 
 
 class CriuXstateError(Exception):
     """Base class: bad or unreadable input (exit code 2) unless a subclass says otherwise."""
 
-    exit_code = 2
+    exit_code: int = ExitCode.BAD_INPUT
 
 
 class ImageError(CriuXstateError):
@@ -48,3 +58,9 @@ class FrameError(CriuXstateError):
 
 class ApplyError(CriuXstateError):
     """Writing a translation failed; the checkpoint is left as it was (or the journal says how to undo)."""
+
+
+class VerifyError(CriuXstateError):
+    """After writing, the images do not plan as compatible: the write is rolled back."""
+
+    exit_code = ExitCode.INTERNAL

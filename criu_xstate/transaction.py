@@ -1,31 +1,46 @@
-"""Apply a change set to an images directory crash-safely, and undo it.
+"""Write a change set into a checkpoint crash-safely, verify it, and undo back to the original dump.
 
-A change set is a list of small edits: bytes replaced at an offset of a file (a frame in a pages
-file), bytes appended to a file (relocated XSAVE images), and whole small files rewritten (core, mm,
-pagemap images). Before anything is written, a journal with the original bytes of every region the
-change touches is written and fsync'ed (write-ahead). A crash at any point therefore leaves either the
-original checkpoint, or a journal from which ``undo`` restores it exactly; the CRIU hook refuses to
-restore while a journal is pending. After a complete apply the journal stays as the undo record.
-
-Concurrent applies are excluded with ``flock`` on a lock file in the images directory.
+A change set is a list of small edits: bytes replaced at an offset of a file (a frame in a pages file),
+bytes appended to a file (relocated XSAVE images), and whole small files rewritten (core, mm, pagemap).
+:class:`Transaction` holds the directory's lock for the whole plan -> write -> verify sequence, so the
+change set it writes was computed from what is on disk; the journal (:mod:`criu_xstate.journal`) is
+written and fsync'ed before any image byte changes and keeps the original dump's bytes from the first
+apply on. The argument that no crash or error loses the checkpoint is in docs/journal.md.
 """
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import fcntl
-import json
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from criu_xstate.errors import ApplyError
+from criu_xstate.errors import ApplyError, CriuXstateError
+from criu_xstate.fsio import JOURNAL, Directory, check_name, opened_directory
+from criu_xstate.journal import (
+    MAX_JOURNAL_BYTES,
+    FileView,
+    Journal,
+    Original,
+    add_region,
+    dumps,
+    loads,
+    overlay,
+    sha256,
+)
 
-JOURNAL = ".criu-xstate-journal.json"
-LOCK = ".criu-xstate.lock"
-JOURNAL_SCHEMA = "criu-xstate/journal/v1"
+__all__ = [
+    "JOURNAL",
+    "Append",
+    "ByteEdit",
+    "Change",
+    "FileWrite",
+    "Transaction",
+    "apply_changes",
+    "journal_state",
+    "transaction",
+    "undo",
+]
 
 
 @dataclass(frozen=True)
@@ -61,227 +76,329 @@ class FileWrite:
 
 
 Change = ByteEdit | Append | FileWrite
+Verify = Callable[[], None]
 
 
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+# -- the journal's views of a change set -------------------------------------------------------------
 
 
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
+def _extend(
+    j: Journal, changes: Sequence[Change], d: Directory
+) -> tuple[dict[str, Original], dict[str, FileView]]:
+    """The journal's originals and expected views, grown to cover every region ``changes`` touch.
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.criu-xstate-tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half-written files behind
-        raise
-    os.close(fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _pwrite_all(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        view = memoryview(data)
-        pos = offset
-        while view:
-            n = os.pwrite(fd, view, pos)
-            view = view[n:]
-            pos += n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _pread(path: Path, offset: int, size: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, size, offset)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def locked(images: Path) -> Iterator[None]:
-    """Hold the directory's apply lock, or fail at once if another apply holds it."""
-    try:
-        fd = os.open(images / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise ApplyError(f"{images}: cannot create the lock file: {exc.strerror}") from exc
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise ApplyError(f"{images}: another criu-xstate apply or undo is running on it") from exc
-        yield
-    finally:
-        os.close(fd)
-
-
-def journal_state(images: Path) -> str | None:
-    """'pending' (an apply was interrupted), 'complete' (an undo record), or None."""
-    path = images / JOURNAL
-    if not path.exists():
-        return None
-    try:
-        state = json.loads(path.read_text())["state"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ApplyError(f"{path}: unreadable journal: {exc}") from exc
-    if state not in ("pending", "complete"):
-        raise ApplyError(f"{path}: unknown journal state {state!r}")
-    return str(state)
-
-
-def _verify(images: Path, changes: Sequence[Change]) -> None:
-    """Every change must find the bytes it was computed from: else the checkpoint changed since plan."""
+    A region not covered yet was never written by criu-xstate, so its current bytes (``old``, checked
+    against the disk before) are the original dump's.
+    """
+    originals = dict(j.originals)
+    expect = dict(j.expect)
     for c in changes:
-        path = images / c.name
+        if c.name not in originals:
+            size = d.size(c.name)
+            originals[c.name] = Original(size)
+            expect[c.name] = FileView(size)
+        o, e = originals[c.name], expect[c.name]
         if isinstance(c, ByteEdit):
-            if not path.is_file():
-                raise ApplyError(f"{path}: missing (the checkpoint changed since it was planned)")
-            if _pread(path, c.offset, len(c.old)) != c.old:
-                raise ApplyError(f"{path}: bytes at offset {c.offset} changed since the plan; re-run plan")
-        elif isinstance(c, Append):
-            if not path.is_file() or path.stat().st_size != c.at:
-                raise ApplyError(f"{path}: size changed since the plan (expected {c.at}); re-run plan")
-        else:
-            current = path.read_bytes() if path.exists() else None
-            if current != c.old:
-                raise ApplyError(f"{path}: content changed since the plan; re-run plan")
+            o = replace(o, regions=add_region(o.regions, c.offset, c.old))
+            e = replace(e, regions=add_region(e.regions, c.offset, c.old))
+        elif isinstance(c, FileWrite):
+            if o.content is None and o.size is not None and c.old is not None:
+                o = replace(o, content=_original_content(o, c.old))
+            e = replace(e, sha256=None if c.old is None else sha256(c.old))
+        originals[c.name], expect[c.name] = o, e
+    return originals, expect
 
 
-def _journal_entry(c: Change) -> dict[str, object]:
-    if isinstance(c, ByteEdit):
-        return {"op": "edit", "name": c.name, "offset": c.offset, "old": _b64(c.old)}
-    if isinstance(c, Append):
-        return {"op": "append", "name": c.name, "at": c.at}
-    return {"op": "write", "name": c.name, "old": None if c.old is None else _b64(c.old)}
+def _original_content(o: Original, current: bytes) -> bytes:
+    buf = bytearray(current)
+    for off, data in o.regions:
+        part = data[: max(0, len(buf) - off)]
+        buf[off : off + len(part)] = part
+    return bytes(buf[: o.size])
 
 
-def apply_changes(images: Path, changes: Sequence[Change], *, description: str = "") -> int:
-    """Write ``changes`` into ``images`` with a write-ahead journal; returns the number of bytes written."""
-    if not changes:
-        return 0
-    if not os.access(images, os.W_OK):
-        raise ApplyError(f"{images}: not writable (use --out DIR to write a translated copy)")
+def _project(expect: Mapping[str, FileView], changes: Sequence[Change]) -> dict[str, FileView]:
+    """What every touched file holds once ``changes`` are written."""
+    nxt = dict(expect)
     for c in changes:
-        if "/" in c.name or c.name.startswith("."):
-            raise ApplyError(f"refusing to write {c.name!r}: not an image file of this directory")
-    with locked(images):
-        state = journal_state(images)
-        if state == "pending":
+        v = nxt[c.name]
+        if isinstance(c, ByteEdit):
+            v = replace(v, regions=overlay(v.regions, c.offset, c.new))
+        elif isinstance(c, Append):
+            v = replace(v, size=c.at + len(c.data), regions=overlay(v.regions, c.at, c.data))
+        else:
+            v = replace(v, size=len(c.new), sha256=sha256(c.new))
+        nxt[c.name] = v
+    return nxt
+
+
+def _original_view(o: Original) -> FileView:
+    return FileView(o.size, None if o.content is None else sha256(o.content), o.regions)
+
+
+# -- comparing the disk with views ---------------------------------------------------------------------
+
+
+def _holds(d: Directory, name: str, views: Sequence[FileView], *, mixed: bool) -> bool:
+    """Does ``name`` hold one of ``views`` (``mixed``: or, byte by byte, a mixture of them, as a write
+    or an undo interrupted anywhere leaves it)?"""
+    size = d.size(name)
+    sizes = [v.size for v in views]
+    if size not in sizes:
+        known = [s for s in sizes if s is not None]
+        if not (mixed and size is not None and known and min(known) <= size <= max(known)):
+            return False
+    if size is None:
+        return True
+    shas = {v.sha256 for v in views if v.sha256 is not None}
+    if shas:
+        return d.sha256(name) in shas
+    for i, (off, _) in enumerate(views[0].regions):
+        want = [v.regions[i][1] for v in views if i < len(v.regions)]
+        got = d.pread(name, off, len(want[0]))
+        if got in want:
+            continue
+        if not mixed or not all(any(b == w[k] for w in want if k < len(w)) for k, b in enumerate(got)):
+            return False
+    return True
+
+
+def _mismatch(d: Directory, views: Mapping[str, Sequence[FileView]], *, mixed: bool) -> str | None:
+    for name, alternatives in sorted(views.items()):
+        if not _holds(d, name, alternatives, mixed=mixed):
+            return name
+    return None
+
+
+# -- the transaction -----------------------------------------------------------------------------------
+
+
+class Transaction:
+    """The directory, locked; apply, undo and the journal's state, all under that one lock."""
+
+    def __init__(self, d: Directory) -> None:
+        self.d = d
+
+    @property
+    def path(self) -> str:
+        return self.d.path
+
+    def journal(self) -> Journal | None:
+        raw = self.d.read(JOURNAL, max_size=MAX_JOURNAL_BYTES)
+        return None if raw is None else loads(raw, f"{self.path}/{JOURNAL}")
+
+    def state(self) -> str | None:
+        j = self.journal()
+        return None if j is None else j.state
+
+    def check_unchanged(self) -> Journal | None:
+        """The journal of earlier applies, after checking the images still hold what they wrote."""
+        j = self.journal()
+        if j is None:
+            return None
+        if j.state == "pending":
             raise ApplyError(
-                f"{images}: an interrupted apply left a journal; run `criu-xstate undo {images}` first"
+                f"{self.path}: an interrupted criu-xstate apply left its journal; "
+                f"run `criu-xstate undo {self.path}` first"
             )
-        _verify(images, changes)
-        journal = {
-            "schema": JOURNAL_SCHEMA,
-            "state": "pending",
-            "description": description,
-            "entries": [_journal_entry(c) for c in changes],
-        }
-        try:
-            _atomic_write(images / JOURNAL, json.dumps(journal).encode())
-        except OSError as exc:
-            (images / JOURNAL).unlink(missing_ok=True)
+        bad = _mismatch(self.d, {n: [v] for n, v in j.expect.items()}, mixed=False)
+        if bad is not None:
             raise ApplyError(
-                f"{images}: cannot write the journal ({exc.strerror}); nothing was changed"
-            ) from exc
-        written = 0
+                f"{self.path}/{bad}: not what criu-xstate last wrote there (re-dumped or edited since?); "
+                f"refusing to write. `criu-xstate undo {self.path}` returns the original dump, "
+                "`criu-xstate undo --forget` drops the journal if these images are a new dump"
+            )
+        return j
+
+    def apply(self, changes: Sequence[Change], description: str, verify: Verify | None = None) -> int:
+        """Write ``changes``; ``verify`` (re-read and re-plan) runs before the journal says complete.
+
+        Any error (a write, the read-back, ``verify``) rolls back to the state before this call;
+        returns the number of bytes written.
+        """
+        if not changes:
+            return 0
+        for c in changes:
+            if check_name(c.name) == JOURNAL:
+                raise ApplyError(f"refusing to write {c.name!r}: it is criu-xstate's journal")
+        previous = self.check_unchanged()
+        self._preconditions(changes)
+        base = previous or Journal("complete", {}, {})
+        originals, expect = _extend(base, changes, self.d)
+        nxt = _project(expect, changes)
+        pending = Journal("pending", originals, expect, nxt, (*base.history, description))
         try:
-            for c in changes:
-                path = images / c.name
-                if isinstance(c, ByteEdit):
-                    _pwrite_all(path, c.offset, c.new)
-                    written += len(c.new)
-                elif isinstance(c, Append):
-                    _pwrite_all(path, c.at, c.data)
-                    written += len(c.data)
-                else:
-                    _atomic_write(path, c.new)
-                    written += len(c.new)
+            self.d.replace(JOURNAL, dumps(pending))
         except OSError as exc:
-            try:
-                _rollback(images)
-            except (OSError, ApplyError) as exc2:
-                raise ApplyError(
-                    f"{images}: write failed ({exc.strerror}) and so did the rollback ({exc2}); the journal "
-                    f"{JOURNAL} holds the original bytes: run `criu-xstate undo` when the disk is fixed"
-                ) from exc
             raise ApplyError(
-                f"{images}: write failed ({exc.strerror}); rolled back, nothing changed"
-            ) from exc
-        journal["state"] = "complete"
-        _atomic_write(images / JOURNAL, json.dumps(journal).encode())
+                f"{self.path}: cannot write the journal ({exc.strerror}); nothing was changed"
+            ) from None
+        try:
+            written = self._write(changes)
+            bad = _mismatch(self.d, {n: [v] for n, v in nxt.items()}, mixed=False)
+            if bad is not None:
+                raise ApplyError(f"{self.path}/{bad}: reads back differently from what was written")
+            if verify is not None:
+                verify()
+            self.d.replace(JOURNAL, dumps(pending.with_state("complete", expect=nxt, next={})))
+        except (OSError, CriuXstateError) as exc:
+            self._rollback(changes, previous, exc)
+            raise  # not reached: _rollback raises
         return written
 
+    def _preconditions(self, changes: Sequence[Change]) -> None:
+        """Every change must find the bytes it was computed from."""
+        for c in changes:
+            where = f"{self.path}/{c.name}"
+            if isinstance(c, ByteEdit):
+                if self.d.pread(c.name, c.offset, len(c.old)) != c.old:
+                    raise ApplyError(
+                        f"{where}: bytes at offset {c.offset} changed since the plan; re-run plan"
+                    )
+            elif isinstance(c, Append):
+                if self.d.size(c.name) != c.at:
+                    raise ApplyError(f"{where}: size changed since the plan (expected {c.at}); re-run plan")
+            elif self.d.read(c.name) != c.old:
+                raise ApplyError(f"{where}: content changed since the plan; re-run plan")
 
-def _rollback(images: Path) -> int:
-    path = images / JOURNAL
-    try:
-        journal = json.loads(path.read_text())
-        entries = journal["entries"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ApplyError(f"{path}: unreadable journal: {exc}") from exc
-    restored = 0
-    for e in reversed(entries):
-        target = images / str(e["name"])
-        if "/" in str(e["name"]):
-            raise ApplyError(f"{path}: journal names a file outside the directory: {e['name']!r}")
-        if e["op"] == "edit":
-            old = _unb64(e["old"])
-            if target.exists():
-                _pwrite_all(target, int(e["offset"]), old)
-                restored += 1
-        elif e["op"] == "append":
-            if target.exists() and target.stat().st_size > int(e["at"]):
-                os.truncate(target, int(e["at"]))
-                fd = os.open(target, os.O_WRONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                restored += 1
-        elif e["op"] == "write":
-            if e["old"] is None:
-                target.unlink(missing_ok=True)
-                _fsync_dir(images)
+    def _write(self, changes: Sequence[Change]) -> int:
+        written = 0
+        for c in changes:
+            if isinstance(c, ByteEdit):
+                self.d.pwrite(c.name, c.offset, c.new)
+                written += len(c.new)
+            elif isinstance(c, Append):
+                self.d.pwrite(c.name, c.at, c.data)
+                written += len(c.data)
             else:
-                _atomic_write(target, _unb64(e["old"]))
-            restored += 1
-        else:
-            raise ApplyError(f"{path}: unknown journal operation {e['op']!r}")
-    path.unlink()
-    _fsync_dir(images)
-    return restored
+                self.d.replace(c.name, c.new)
+                written += len(c.new)
+        return written
 
-
-def undo(images: Path) -> int:
-    """Restore the checkpoint from its journal (interrupted or complete apply); returns files restored."""
-    with locked(images):
-        if journal_state(images) is None:
-            raise ApplyError(f"{images}: no criu-xstate journal: nothing to undo")
+    def _rollback(self, changes: Sequence[Change], previous: Journal | None, cause: BaseException) -> None:
+        why = _reason(cause)
         try:
-            return _rollback(images)
+            for c in reversed(changes):  # only what differs is written: a full disk can still roll back
+                if isinstance(c, ByteEdit):
+                    if self.d.pread(c.name, c.offset, len(c.old)) != c.old:
+                        self.d.pwrite(c.name, c.offset, c.old)
+                elif isinstance(c, Append):
+                    if (self.d.size(c.name) or 0) > c.at:
+                        self.d.truncate(c.name, c.at)
+                elif c.old is None:
+                    self.d.unlink(c.name)
+                elif self.d.read(c.name) != c.old:
+                    self.d.replace(c.name, c.old)
+        except (OSError, CriuXstateError) as exc:
+            raise ApplyError(
+                f"{self.path}: {why}; the rollback failed too ({_reason(exc)}): the journal keeps the "
+                f"original bytes, run `criu-xstate undo {self.path}` once the disk is fixed"
+            ) from None
+        try:
+            if previous is None:
+                self.d.unlink(JOURNAL)
+            else:
+                self.d.replace(JOURNAL, dumps(previous))
         except OSError as exc:
-            raise ApplyError(f"{images}: undo failed: {exc.strerror}; the journal is kept") from exc
+            raise ApplyError(
+                f"{self.path}: {why}; the images were rolled back but the journal could not be reset "
+                f"({exc.strerror}): `criu-xstate undo {self.path}` returns the original dump"
+            ) from None
+        if isinstance(cause, CriuXstateError) and not isinstance(cause, ApplyError):
+            cause.args = (f"{cause}; rolled back, the checkpoint is as it was",)
+            raise cause
+        raise ApplyError(f"{self.path}: {why}; rolled back, the checkpoint is as it was") from None
+
+    def undo(self) -> int:
+        """Return every file criu-xstate changed to the original dump; returns the files restored."""
+        j = self.journal()
+        if j is None:
+            raise ApplyError(f"{self.path}: no criu-xstate journal: nothing to undo")
+        alternatives = {
+            n: [j.expect[n], *([j.next[n]] if n in j.next else []), _original_view(o)]
+            for n, o in j.originals.items()
+        }
+        bad = _mismatch(self.d, alternatives, mixed=True)
+        if bad is not None:
+            raise ApplyError(
+                f"{self.path}/{bad}: holds neither what criu-xstate wrote nor the original (re-dumped or "
+                "edited since?); undo would overwrite it, so nothing was changed. If these images are a "
+                f"new dump, `criu-xstate undo --forget {self.path}` drops the stale journal"
+            )
+        try:
+            restored = sum(self._restore(n, o) for n, o in sorted(j.originals.items()))
+            bad = _mismatch(self.d, {n: [_original_view(o)] for n, o in j.originals.items()}, mixed=False)
+            if bad is not None:
+                raise ApplyError(f"{self.path}/{bad}: reads back differently from the original")
+            self.d.unlink(JOURNAL)
+        except OSError as exc:
+            raise ApplyError(
+                f"{self.path}: undo failed ({exc.strerror}); the journal is kept: run undo again"
+            ) from None
+        return restored
+
+    def _restore(self, name: str, o: Original) -> int:
+        if o.size is None:
+            if self.d.exists(name):
+                self.d.unlink(name)
+                return 1
+            return 0
+        if o.content is not None:
+            if self.d.read(name) != o.content:
+                self.d.replace(name, o.content)
+                return 1
+            return 0
+        changed = 0
+        for off, data in o.regions:
+            part = data[: max(0, o.size - off)]
+            if part and self.d.pread(name, off, len(part)) != part:
+                self.d.pwrite(name, off, part)
+                changed = 1
+        if self.d.size(name) != o.size:
+            self.d.truncate(name, o.size)
+            changed = 1
+        return changed
+
+    def forget(self) -> bool:
+        """Drop the journal without touching the images (they are a new dump)."""
+        if not self.d.exists(JOURNAL):
+            return False
+        self.d.unlink(JOURNAL)
+        return True
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"write failed ({exc.strerror or exc})"
+    return str(exc)
+
+
+@contextmanager
+def transaction(images: Path | str) -> Iterator[Transaction]:
+    """Lock ``images`` and yield its transaction; temporary files of a killed writer are removed."""
+    try:
+        with opened_directory(images, lock=True) as d:
+            d.remove_stale_temporaries()
+            yield Transaction(d)
+    except OSError as exc:
+        raise ApplyError(f"{images}: {exc.strerror or exc}") from None
+
+
+def journal_state(images: Path | str) -> str | None:
+    """'pending' (an apply was interrupted), 'complete' (an undo record), or None; without locking."""
+    try:
+        with opened_directory(images, lock=False) as d:
+            return Transaction(d).state()
+    except OSError as exc:
+        raise ApplyError(f"{images}: {exc.strerror or exc}") from None
+
+
+def apply_changes(images: Path | str, changes: Sequence[Change], *, description: str = "") -> int:
+    """Lock, write ``changes`` journaled, unlock (tests and simple callers)."""
+    with transaction(images) as tx:
+        return tx.apply(changes, description)
+
+
+def undo(images: Path | str) -> int:
+    with transaction(images) as tx:
+        return tx.undo()

@@ -1,0 +1,156 @@
+"""The one write path of ``apply`` and the CRIU hook: plan, write, re-read and re-plan.
+
+In place, the whole sequence runs under the images directory's lock (:mod:`criu_xstate.transaction`):
+the change set is computed from what is on disk, written journaled, read back, and re-planned; the
+journal only says ``complete`` once the re-plan is ``compatible``, and any failure rolls back. To a
+copy (``--out``), the result is built in a private sibling directory, verified the same way, and
+renamed into place: a killed run never leaves a half-written output that plan or CRIU would take.
+docs/journal.md has the argument.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from criu_xstate.changeset import ChangeSet, build_changeset
+from criu_xstate.commands.planning import Destination, load_source, plan_for
+from criu_xstate.errors import ApplyError, VerifyError
+from criu_xstate.images import open_checkpoint
+from criu_xstate.images.checkpoint import is_archive
+from criu_xstate.model import CheckpointModel, load_model
+from criu_xstate.overlay import write_overlay
+from criu_xstate.plan import Plan, Severity, Verdict
+from criu_xstate.transaction import JOURNAL, Change, journal_state, transaction
+
+
+@dataclass(frozen=True)
+class Options:
+    src: str | None = None
+    allow_relocation: bool = True
+    strict_isa: bool = False
+
+
+@dataclass(frozen=True)
+class Outcome:
+    plan: Plan
+    changeset: ChangeSet | None = None
+    written: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return self.changeset is not None and bool(self.changeset.changes)
+
+
+def _plan(model: CheckpointModel, dest: Destination, opts: Options, *, relocate: bool) -> Plan:
+    source = load_source(opts.src, model)
+    return plan_for(model, dest.facts, source, allow_relocation=relocate, strict_isa=opts.strict_isa)
+
+
+def verify_compatible(images: Path, dest: Destination, opts: Options) -> None:
+    """Re-read ``images`` from disk and re-plan: anything but ``compatible`` is a failed translation."""
+    with open_checkpoint(images) as ck:
+        again = _plan(load_model(ck), dest, opts, relocate=False)
+    if again.verdict is not Verdict.COMPATIBLE:
+        codes = sorted({f.code for f in again.all_findings() if f.severity >= Severity.TRANSLATE})
+        raise VerifyError(
+            f"{images}: after writing, the plan is still {again.verdict.value} ({', '.join(codes)})"
+        )
+
+
+def apply_in_place(
+    images: Path, dest: Destination, opts: Options, description: str, *, write: bool = True
+) -> Outcome:
+    """Plan ``images`` for ``dest`` and, if it needs translating and ``write``, translate it in place."""
+    with transaction(images) as tx:
+        tx.check_unchanged()
+        with open_checkpoint(images) as ck:
+            model = load_model(ck)
+            plan = _plan(model, dest, opts, relocate=opts.allow_relocation)
+            if plan.verdict is not Verdict.TRANSLATE or not write:
+                return Outcome(plan)
+            cs = build_changeset(model, plan, dest.facts)
+        written = tx.apply(cs.changes, description, verify=lambda: verify_compatible(images, dest, opts))
+        return Outcome(plan, cs, written)
+
+
+def _check_out(out: Path) -> None:
+    if out.is_symlink():
+        raise ApplyError(f"{out}: is a symbolic link; give a new directory for --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ApplyError(f"{out}: exists and is not an empty directory")
+    if not out.parent.is_dir():
+        raise ApplyError(f"{out.parent}: no such directory")
+
+
+def apply_to_copy(src: Path, out: Path, dest: Destination, opts: Options, *, self_contained: bool) -> Outcome:
+    """Write a translated copy of ``src`` to ``out`` (an incremental image over ``src`` unless
+    ``self_contained`` or ``src`` is an archive); ``src`` is never written."""
+    _check_out(out)
+    if src.is_dir() and journal_state(src) == "pending":
+        raise ApplyError(
+            f"{src}: an interrupted criu-xstate apply left its journal; run `criu-xstate undo {src}`"
+        )
+    with open_checkpoint(src) as ck:
+        model = load_model(ck)
+        plan = _plan(model, dest, opts, relocate=opts.allow_relocation)
+        if plan.verdict is Verdict.REFUSE:
+            return Outcome(plan)
+        cs = build_changeset(model, plan, dest.facts) if plan.verdict is Verdict.TRANSLATE else None
+        changes = cs.changes if cs is not None else []
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.criu-xstate-tmp-", dir=out.parent))
+        try:
+            if changes and not is_archive(src) and not self_contained:
+                written = write_overlay(ck.dir, staging, changes)
+            else:
+                _copy_images(ck.dir, staging, changes)
+                with transaction(staging) as tx:
+                    written = tx.apply(changes, "criu-xstate apply --out")
+                    tx.forget()  # the original is untouched: nothing to undo in the copy
+            verify_compatible(staging, dest, opts)
+            _sync_tree(staging)
+            os.rename(staging, out)  # replaces an empty `out`; atomic for plan, show and CRIU
+            _fsync(out.parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return Outcome(plan, cs, written)
+
+
+def _copy_images(src: Path, out: Path, changes: list[Change]) -> None:
+    """Every file of ``src`` into ``out``: hard links where possible (in-place writes later unshare
+    them, see fsio), copies for the files about to be edited and when linking fails."""
+    edited = {c.name for c in changes}
+    for entry in sorted(src.iterdir()):
+        if entry.name == JOURNAL or entry.name.startswith(".criu-xstate"):
+            continue
+        dest = out / entry.name
+        if entry.is_symlink():
+            os.symlink(entry.resolve(), dest)  # `parent`: keep pointing at the original chain
+        elif entry.is_file():
+            if entry.name in edited:
+                shutil.copyfile(entry, dest)
+                shutil.copymode(entry, dest)
+            else:
+                try:
+                    os.link(entry, dest)
+                except OSError:
+                    shutil.copy2(entry, dest)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(d: Path) -> None:
+    for entry in d.iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            _fsync(entry)
+    _fsync(d)
