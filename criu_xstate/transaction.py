@@ -133,7 +133,10 @@ def _project(expect: Mapping[str, FileView], changes: Sequence[Change]) -> dict[
 
 
 def _original_view(o: Original) -> FileView:
-    return FileView(o.size, None if o.content is None else sha256(o.content), o.regions)
+    """The original file as a view; regions past its size (in data that an apply appended) are cut."""
+    size = o.size or 0
+    regions = tuple((off, data[: size - off]) for off, data in o.regions if off < size)
+    return FileView(o.size, None if o.content is None else sha256(o.content), regions)
 
 
 # -- comparing the disk with views ---------------------------------------------------------------------
@@ -153,12 +156,14 @@ def _holds(d: Directory, name: str, views: Sequence[FileView], *, mixed: bool) -
     shas = {v.sha256 for v in views if v.sha256 is not None}
     if shas:
         return d.sha256(name) in shas
-    for i, (off, _) in enumerate(views[0].regions):
-        want = [v.regions[i][1] for v in views if i < len(v.regions)]
-        got = d.pread(name, off, len(want[0]))
-        if got in want:
-            continue
-        if not mixed or not all(any(b == w[k] for w in want if k < len(w)) for k, b in enumerate(got)):
+    by_offset = [dict(v.regions) for v in views]
+    for off in sorted({off for regions in by_offset for off in regions}):
+        want = [r[off] for r in by_offset if off in r]
+        got = d.pread(name, off, max(len(w) for w in want))
+        if not mixed:
+            if all(got != w for w in want):
+                return False
+        elif not all(any(k < len(w) and b == w[k] for w in want) for k, b in enumerate(got)):
             return False
     return True
 

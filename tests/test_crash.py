@@ -128,6 +128,7 @@ SCENARIOS = [
     Scenario("first apply, relocating", _nothing, lambda ck: _apply(ck, RELOCATING)),
     Scenario("second apply, other host", _applied, lambda ck: _apply(ck, RELOCATING)),
     Scenario("hook after a manual apply", _applied, lambda ck: _hook(ck, RELOCATING)),
+    Scenario("third apply, relocated frames back", _applied_twice, lambda ck: _apply(ck, IN_PLACE)),
     Scenario("undo after two applies", _applied_twice, lambda ck: ["undo", str(ck)]),
 ]
 # The same on every other real dump with live frames (slow suite only).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from criu_xstate.commands.common import opened_model, use_colour
+from criu_xstate.commands.common import opened_model, refuse_if_interrupted, use_colour
 from criu_xstate.commands.planning import load_destinations, load_source, plan_for
 from criu_xstate.plan import Verdict
 from criu_xstate.report import dumps, render_multi_text, render_plan_text
@@ -15,6 +15,7 @@ EXIT_FOR = {Verdict.COMPATIBLE: 0, Verdict.TRANSLATE: 0, Verdict.REFUSE: 1}
 
 def run(args: argparse.Namespace) -> int:
     dests = load_destinations(args.dest)
+    refuse_if_interrupted(args.checkpoint)
     with opened_model(args.checkpoint) as model:
         source = load_source(args.src, model)
         plans = [

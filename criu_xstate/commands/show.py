@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from criu_xstate.commands.common import frame_json, mask_names, opened_model
+from criu_xstate.commands.common import INTERRUPTED, frame_json, journal_of, mask_names, opened_model
+from criu_xstate.errors import ExitCode
 from criu_xstate.frames import Liveness
 from criu_xstate.model import CheckpointModel, Thread
 from criu_xstate.report import dumps
@@ -116,7 +117,15 @@ def show_text(model: CheckpointModel, source: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    journal = journal_of(args.checkpoint)
     with opened_model(args.checkpoint) as model:
-        out = dumps(show_json(model, args.checkpoint)) if args.json else show_text(model, args.checkpoint)
+        if args.json:
+            doc = show_json(model, args.checkpoint)
+            doc["journal"] = journal
+            out = dumps(doc)
+        else:
+            out = show_text(model, args.checkpoint)
+            if journal == "pending":
+                out = f"warning: {INTERRUPTED}; run `criu-xstate undo {args.checkpoint}`\n{out}"
     sys.stdout.write(out)
-    return 0
+    return ExitCode.OK
