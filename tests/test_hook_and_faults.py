@@ -65,6 +65,7 @@ def test_hook_refuses_a_checkpoint_with_a_pending_journal(
 ) -> None:
     ck = tmp_path / "ck"
     shutil.copytree(FIXTURE, ck)
+
     class Crash(BaseException):
         pass
 
