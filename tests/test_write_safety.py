@@ -254,3 +254,40 @@ def test_two_writers_racing_lose_nothing(tmp_path: Path, rival: object) -> None:
             assert main(["undo", str(d)]) == 0
         assert images(d) == original
     print(outcomes)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(5, "Input/output error"), OSError(28, "No space left on device")],
+    ids=["EIO", "ENOSPC"],
+)
+def test_an_error_in_the_post_write_check_rolls_back(
+    ck: Path, monkeypatch: pytest.MonkeyPatch, failure: OSError, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from criu_xstate import applying
+
+    original = files(ck)
+
+    def broken(*args: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(applying, "verify_compatible", broken)
+    assert apply(ck, SKYLAKE) == 2
+    err = capsys.readouterr().err
+    assert "rolled back" in err and err.count("\n") == 1, err
+    assert files(ck) == original  # translated bytes gone, no journal left
+
+
+def test_a_lock_the_filesystem_refuses_is_one_line(
+    ck: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fcntl
+
+    def enolck(fd: int, op: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", enolck)
+    original = files(ck)
+    assert apply(ck, ZEN4) == 2
+    assert "cannot lock the directory: No locks available" in capsys.readouterr().err
+    assert files(ck) == original
