@@ -82,8 +82,10 @@ def _check_out(out: Path) -> None:
         raise ApplyError(f"{out}: is a symbolic link; give a new directory for --out")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ApplyError(f"{out}: exists and is not an empty directory")
-    if not out.parent.is_dir():
-        raise ApplyError(f"{out.parent}: no such directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ApplyError(f"{out.parent}: cannot create: {exc.strerror}") from None
 
 
 def apply_to_copy(src: Path, out: Path, dest: Destination, opts: Options, *, self_contained: bool) -> Outcome:

@@ -52,3 +52,23 @@ def test_nfd_features() -> None:
     ).stdout.splitlines()
     assert "criu-xstate.xcr0=0x602e7" in out and "criu-xstate.amx-xtiledata=true" in out
     assert "criu-xstate.user-size=2816" in out
+
+
+def test_the_hook_script_starts_no_python_for_other_actions(tmp_path: Path) -> None:
+    """CRIU runs the action script at every action, also while a container is frozen."""
+    script = str(REPO / "contrib" / "criu" / "criu-xstate-hook")
+    spy = tmp_path / "criu-xstate"
+    spy.write_text(f"#!/bin/sh\necho called > {tmp_path / 'called'}\n")
+    spy.chmod(0o755)
+    for action in ("pre-dump", "post-dump", "network-lock", "post-restore", "pre-resume"):
+        env = {"PATH": "/usr/bin:/bin", "CRIU_XSTATE": str(spy), "CRTOOLS_SCRIPT_ACTION": action}
+        assert subprocess.run([script], env=env).returncode == 0
+    assert not (tmp_path / "called").exists()
+    env = {"PATH": "/usr/bin:/bin", "CRIU_XSTATE": str(spy), "CRTOOLS_SCRIPT_ACTION": "pre-restore"}
+    assert subprocess.run([script], env=env).returncode == 0
+    assert (tmp_path / "called").read_text() == "called\n"
+
+
+def test_python_dash_m_is_the_cli() -> None:
+    r = subprocess.run([sys.executable, "-m", "criu_xstate", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("criu-xstate ")

@@ -167,7 +167,7 @@ def test_a_refusal_leaves_no_file_in_the_images_directory(ck: Path, monkeypatch:
     assert sorted(p.name for p in ck.iterdir()) == before
 
 
-@pytest.mark.parametrize("kind", ["file", "dangling link", "non-empty dir", "missing parent"])
+@pytest.mark.parametrize("kind", ["file", "dangling link", "non-empty dir", "parent is a file"])
 def test_bad_out_is_one_line_and_exit_2(
     tmp_path: Path, ck: Path, kind: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -180,11 +180,18 @@ def test_bad_out_is_one_line_and_exit_2(
         out.mkdir()
         (out / "x").write_text("x")
     else:
+        (tmp_path / "no").write_text("x")
         out = tmp_path / "no" / "such" / "out"
     assert main(["apply", str(ck), "--dest", ZEN4, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("criu-xstate: error:"), err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_out_creates_missing_parents(tmp_path: Path, ck: Path) -> None:
+    out = tmp_path / "new" / "dirs" / "out"
+    assert main(["apply", str(ck), "--dest", ZEN4, "--out", str(out)]) == 0
+    assert (out / "parent").is_symlink() and journal_state(out) is None
 
 
 def test_a_pending_journal_is_visible_to_plan_and_blocks_apply_out(

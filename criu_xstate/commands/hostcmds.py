@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from criu_xstate import hosts
-from criu_xstate.errors import ProbeError, ProfileError
+from criu_xstate.errors import ExitCode, ProbeError, ProfileError
 from criu_xstate.x86.cpuid import format_dump, parse_dump, probe_raw
 
 
@@ -32,7 +32,7 @@ def run_probe(args: argparse.Namespace) -> int:
     name = args.name or socket.gethostname()
     if args.raw:
         _emit(format_dump(probe_raw()), args.output)
-        return 0
+        return ExitCode.OK
     if args.from_dump:
         try:
             text = Path(args.from_dump).read_text()
@@ -43,7 +43,7 @@ def run_probe(args: argparse.Namespace) -> int:
         facts = probe_raw()
     profile = hosts.profile_from_facts(facts, name, sigreturn=args.sigreturn)
     _emit(hosts.dump_profile(profile, as_json=args.json), args.output)
-    return 0
+    return ExitCode.OK
 
 
 def run_baseline(args: argparse.Namespace) -> int:
@@ -52,7 +52,7 @@ def run_baseline(args: argparse.Namespace) -> int:
     if args.json:
         out = {"profile": hosts.profile_to_dict(fleet), "gave_up": gave_up}
         _emit(json.dumps(out, indent=2) + "\n", args.output)
-        return 0
+        return ExitCode.OK
     _emit(hosts.dump_profile(fleet), args.output)
     report = [
         f"baseline of {len(profiles)} host(s): xcr0 0x{fleet.xsave.xcr0:x}, "
@@ -63,7 +63,7 @@ def run_baseline(args: argparse.Namespace) -> int:
         report += [f"    - {i}" for i in items]
     report += [f"  note: {n}" for n in fleet.notes]
     print("\n".join(report), file=sys.stderr if args.output is None else sys.stdout)
-    return 0
+    return ExitCode.OK
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -80,4 +80,4 @@ def run_compare(args: argparse.Namespace) -> int:
         print(f"{b.name} lacks {len(diffs)} thing(s) that {a.name} has:")
         for d in diffs:
             print(f"  {d.kind:9} {d.subject}: {d.detail}")
-    return 0 if not diffs else 1
+    return ExitCode.OK if not diffs else ExitCode.REFUSED
