@@ -94,7 +94,10 @@ def _apt_trixie_backports() -> list[str]:
     (root / "etc").mkdir(parents=True, exist_ok=True)
     (root / "lists-bp" / "partial").mkdir(parents=True, exist_ok=True)
     (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    (root / "etc" / "bp.list").write_text("deb http://deb.debian.org/debian trixie-backports main\n")
+    mirror = subprocess.run(
+        [str(REPO / "scripts" / "debian-mirror")], capture_output=True, text=True, check=True
+    ).stdout.strip()  # the machine's own Debian archive: no mirror is named in the project
+    (root / "etc" / "bp.list").write_text(f"deb {mirror} trixie-backports main\n")
     (root / "status").touch()
     return [
         "-o",
