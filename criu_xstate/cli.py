@@ -63,6 +63,30 @@ def _cmd_hook(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_hook_install(args: argparse.Namespace) -> int:
+    from criu_xstate.commands.hookcmds import run_install
+
+    return run_install(args)
+
+
+def _cmd_hook_check(args: argparse.Namespace) -> int:
+    from criu_xstate.commands.hookcmds import run_check
+
+    return run_check(args)
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    from criu_xstate.commands.hookcmds import run_profiles
+
+    return run_profiles(args)
+
+
+def _profile_ref(ref: str) -> str:
+    from criu_xstate.profiles import resolve
+
+    return resolve(ref)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="criu-xstate",
@@ -106,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
             "--dest",
             action="append",
             required=True,
+            type=_profile_ref,
             metavar="HOST.yaml",
             help="destination host profile, fleet baseline, or a directory of profiles (repeatable)",
         )
         p.add_argument(
-            "--src", metavar="HOST.yaml", help="source host profile (default: cpuinfo.img, frames)"
+            "--src",
+            type=_profile_ref,
+            metavar="HOST.yaml",
+            help="source host profile (default: cpuinfo.img, frames)",
         )
         p.add_argument(
             "--strict-isa", action="store_true", help="refuse when the destination lacks CPU flags"
@@ -149,6 +177,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("hook", help="CRIU action script: translate or refuse at pre-restore")
     p.set_defaults(handler=_cmd_hook)
+
+    p = sub.add_parser("hook-install", help="install the CRIU action script where every runtime runs it")
+    p.add_argument(
+        "--criu-config",
+        default="/etc/criu/default.conf",
+        metavar="FILE",
+        help="CRIU config file to add the action-script line to (default: %(default)s)",
+    )
+    p.add_argument(
+        "--script",
+        default="/usr/local/lib/criu-xstate/criu-xstate-hook",
+        metavar="FILE",
+        help="where to write the action script (default: %(default)s)",
+    )
+    p.add_argument(
+        "--config",
+        default="/etc/criu-xstate/config.yaml",
+        metavar="FILE",
+        help="the hook's policy file (default: %(default)s)",
+    )
+    p.add_argument("--dest", help="destination: probe, a shipped profile name or a profile path")
+    p.add_argument("--mode", choices=["enforce", "check", "warn", "off"], help="the hook's mode")
+    p.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    p.set_defaults(handler=_cmd_hook_install)
+
+    p = sub.add_parser("hook-check", help="check that CRIU will run the hook and that it can start")
+    p.add_argument(
+        "--criu-config",
+        default="/etc/criu/default.conf",
+        metavar="FILE",
+        help="CRIU config file to check (default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_hook_check)
+
+    p = sub.add_parser("profiles", help="list the host profiles shipped with criu-xstate (for --dest NAME)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_profiles)
 
     return parser
 

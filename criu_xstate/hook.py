@@ -3,24 +3,30 @@
 CRIU runs action scripts with ``CRTOOLS_SCRIPT_ACTION`` set; at ``pre-restore`` no task has been
 forked and no core, mm or pages image has been read yet, so rewriting them takes effect, and a
 non-zero exit aborts the restore (research/criu.md §0.10, §5.1). Every other action returns before
-anything heavy is imported. The write itself is :func:`criu_xstate.applying.apply_in_place`, the same
-code path as ``apply --in-place`` (plan under the lock, journal, read back, re-plan).
+anything heavy is imported (the installed script returns even before Python starts). The write itself
+is :func:`criu_xstate.applying.apply_in_place`, the same code path as ``apply --in-place`` (plan under
+the lock, journal, read back, re-plan). The policy comes from :mod:`criu_xstate.hookconfig`.
 
-Environment:
-  CRTOOLS_SCRIPT_ACTION, CRTOOLS_IMAGE_DIR   set by CRIU
-  CRIU_XSTATE_DEST      destination profile (default: probe this machine)
-  CRIU_XSTATE_MODE      "apply" (default: translate in place, journaled) or "check" (refuse, never write)
-
-Files left in the images directory: the journal, only after a translation (docs/journal.md).
+Output: one line per decision on stderr, which CRIU copies into its log (restore.log); with ``log:``
+in the config, one JSON record per decision appended there too. Files left in the images directory:
+the journal, only after a translation (docs/journal.md). docs/hook.md has the whole picture.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from criu_xstate.errors import ApplyError, ExitCode
+
+if TYPE_CHECKING:  # imported lazily at run time: other actions must cost nothing
+    from criu_xstate.commands.planning import Destination
+    from criu_xstate.hookconfig import HookConfig
 
 
 def _say(msg: str) -> None:
@@ -30,45 +36,101 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     if os.environ.get("CRTOOLS_SCRIPT_ACTION") != "pre-restore":
         return ExitCode.OK
+    from criu_xstate import hookconfig
+
+    config = hookconfig.load()
+    if os.environ.get("CRIU_XSTATE_SELFTEST") == "1":  # `criu-xstate hook-check`: policy and destination
+        dest = _destination(config.dest) if config.mode != "off" else None
+        print(
+            f"config {config.source}: mode {config.mode}, dest {config.dest}"
+            + (f" = {dest.name}" if dest else "")
+        )
+        return ExitCode.OK
+    if config.mode == "off":
+        return ExitCode.OK
     image_dir = os.environ.get("CRTOOLS_IMAGE_DIR")
     if not image_dir:
         raise ApplyError("CRTOOLS_IMAGE_DIR is not set (not run by CRIU?)")
-    mode = os.environ.get("CRIU_XSTATE_MODE", "apply")
-    if mode not in ("apply", "check"):
-        raise ApplyError(f"CRIU_XSTATE_MODE must be apply or check, not {mode!r}")
-    return _pre_restore(os.path.realpath(image_dir), os.environ.get("CRIU_XSTATE_DEST"), mode)
+    return _pre_restore(os.path.realpath(image_dir), config)
 
 
-def _pre_restore(image_dir: str, dest_path: str | None, mode: str) -> int:
+def _destination(dest: str) -> Destination:
     import socket
-    from pathlib import Path
 
-    from criu_xstate import hosts
-    from criu_xstate.applying import Options, apply_in_place
+    from criu_xstate import hosts, profiles
     from criu_xstate.commands.planning import Destination, facts_from_profile
+
+    if dest == "probe":
+        profile = hosts.probe_local(socket.gethostname())
+    else:
+        try:
+            profile = hosts.load_profile(Path(profiles.resolve(dest)))
+        except argparse.ArgumentTypeError as exc:
+            raise ApplyError(f"hook config dest: {exc}") from None
+    return Destination(profile.name, facts_from_profile(profile))
+
+
+def _pre_restore(image_dir: str, config: HookConfig) -> int:
+    from criu_xstate.applying import Options, apply_in_place
     from criu_xstate.plan import Severity, Verdict
 
-    profile = hosts.load_profile(Path(dest_path)) if dest_path else hosts.probe_local(socket.gethostname())
-    dest = Destination(profile.name, facts_from_profile(profile))
+    dest = _destination(config.dest)
+    name = dest.name
     images = Path(image_dir)
+    opts = Options(allow_relocation=config.relocate, strict_isa=config.strict_isa)
     outcome = apply_in_place(
-        images, dest, Options(), f"criu-xstate hook for {dest.name}", write=mode == "apply"
+        images, dest, opts, f"criu-xstate hook for {name}", write=config.mode == "enforce"
     )
     plan = outcome.plan
+    codes = sorted({f.code for f in plan.all_findings() if f.severity >= Severity.TRANSLATE})
     if plan.verdict is Verdict.REFUSE:
         for f in plan.all_findings():
             if f.severity is Severity.REFUSE:
                 _say(f"{f.code}: {f.subject}: {f.detail}")
-        _say(f"refusing the restore on {dest.name}")
-        return ExitCode.REFUSED
-    if plan.verdict is Verdict.COMPATIBLE:
-        return ExitCode.OK
-    if not outcome.changed:
-        _say(f"the images need `criu-xstate apply` for {dest.name}; CRIU_XSTATE_MODE=check: refusing")
-        return ExitCode.REFUSED
-    assert outcome.changeset is not None
-    _say(
-        f"rewrote {outcome.changeset.frames_rewritten} signal frame(s) for {dest.name} "
-        f"(undo: criu-xstate undo {images})"
+        decision = "refused"
+    elif plan.verdict is Verdict.COMPATIBLE:
+        decision = "compatible"
+    elif outcome.changed:
+        assert outcome.changeset is not None
+        decision = "translated"
+        _say(
+            f"rewrote {outcome.changeset.frames_rewritten} signal frame(s) for {name} "
+            f"(undo: criu-xstate undo {images})"
+        )
+    else:
+        decision = "needs-translation"
+    blocking = decision in ("refused", "needs-translation") and config.mode != "warn"
+    if decision in ("refused", "needs-translation"):
+        verb = "refusing the restore" if blocking else "NOT blocking the restore (mode: warn)"
+        _say(
+            f"{decision} for {name} ({', '.join(codes)}): {verb}; see `criu-xstate plan {images} --dest ...`"
+        )
+    _record(config, images, name, decision, codes)
+    return ExitCode.REFUSED if blocking else ExitCode.OK
+
+
+def _record(config: HookConfig, images: Path, dest: str, decision: str, codes: list[str]) -> None:
+    """Append the decision to the configured log (one JSON line), never to the images directory."""
+    log = config.log
+    if not log:
+        return
+    line = json.dumps(
+        {
+            "schema": "criu-xstate/hook-decision/v1",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "images": str(images),
+            "dest": dest,
+            "mode": config.mode,
+            "decision": decision,
+            "codes": codes,
+        },
+        separators=(",", ":"),
     )
-    return ExitCode.OK
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _say(f"cannot append to the log {log}: {exc.strerror}")

@@ -1,0 +1,140 @@
+"""Real container runtimes for the end-to-end tests: a runc container running the ymm_handler workload.
+
+runc (Debian's, installed by scripts/setup-dev) runs CRIU 4.1.1 from the private prefix (`runc --criu`);
+CRIU's configuration comes from a private file named by ``CRIU_CONFIG_FILE`` (never /etc). The
+container has no network namespace of its own (CRIU would need iptables to lock it) and its stdio is
+/dev/null inside (CRIU cannot dump a container whose fd 1 is a host file: research/runtimes.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.realcriu import build_workload, criu_path
+from tests.realcriu import skip_reason as criu_skip_reason
+
+BUSYBOX = Path("/bin/busybox")
+
+
+def skip_reason() -> str | None:
+    reason = criu_skip_reason()
+    if reason:
+        return reason
+    if shutil.which("runc") is None:
+        return "runc is not installed (scripts/setup-dev installs it)"
+    if not BUSYBOX.exists():
+        return "busybox-static is not installed (scripts/setup-dev installs it)"
+    return None
+
+
+@dataclass
+class RuncContainer:
+    """One container from a fresh bundle; every method raises with runc's own message on failure."""
+
+    root: Path
+    name: str
+    mode: str = "siginfo"
+    criu_config: Path | None = None
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
+
+    @property
+    def out(self) -> Path:
+        return self.bundle / "rootfs" / "out"
+
+    def _runc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ}
+        if self.criu_config is not None:
+            env["CRIU_CONFIG_FILE"] = str(self.criu_config)
+        cmd = ["runc", "--criu", str(criu_path()), *args]
+        r = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+        )
+        self.log.append(f"$ {' '.join(cmd)} -> {r.returncode} {r.stderr.strip()[-300:]}")
+        if check and r.returncode != 0:
+            raise RuntimeError(f"runc {args[0]} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def create_bundle(self) -> None:
+        rootfs = self.bundle / "rootfs"
+        for d in ("bin", "out", "proc", "dev", "sys", "tmp"):
+            (rootfs / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+        (rootfs / "bin" / "sh").symlink_to("busybox")
+        shutil.copy2(build_workload("ymm_handler"), rootfs / "ymm_handler")
+        subprocess.run(["runc", "spec"], cwd=self.bundle, check=True, capture_output=True)
+        spec = json.loads((self.bundle / "config.json").read_text())
+        spec["process"]["terminal"] = False
+        spec["process"]["args"] = [
+            "/bin/sh",
+            "-c",
+            f"exec </dev/null >/dev/null 2>&1; exec /ymm_handler /out 11 {self.mode}",
+        ]
+        spec["root"]["readonly"] = False
+        spec["linux"]["namespaces"] = [n for n in spec["linux"]["namespaces"] if n["type"] != "network"]
+        (self.bundle / "config.json").write_text(json.dumps(spec))
+
+    def run(self, timeout: float = 20.0) -> None:
+        self._runc("run", "-d", "--bundle", str(self.bundle), self.name)
+        self._wait(self.out / "ready", timeout)
+        time.sleep(0.05)
+
+    def checkpoint(self, images: Path, work: Path) -> None:
+        images.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        self._runc("checkpoint", "--image-path", str(images), "--work-path", str(work), self.name)
+
+    def restore(self, images: Path, work: Path) -> subprocess.CompletedProcess[str]:
+        for name in ("result", "done"):
+            (self.out / name).unlink(missing_ok=True)
+        self.delete()
+        work.mkdir(parents=True, exist_ok=True)
+        return self._runc(
+            "restore",
+            "-d",
+            "--bundle",
+            str(self.bundle),
+            "--image-path",
+            str(images),
+            "--work-path",
+            str(work),
+            self.name,
+            check=False,
+        )
+
+    def result(self, timeout: float = 20.0) -> list[str]:
+        """Release the handler (SIGUSR2) and read the workload's own verdict lines."""
+        self._runc("kill", self.name, "USR2")
+        try:
+            self._wait(self.out / "done", timeout)
+        except TimeoutError:
+            state = self._runc("state", self.name, check=False).stdout
+            if '"running"' not in state:  # it died instead of reporting: say so, never "lost"
+                return [*_lines(self.out / "result"), "DIED before finishing"]
+            raise
+        return _lines(self.out / "result")
+
+    def delete(self) -> None:
+        with contextlib.suppress(Exception):
+            self._runc("delete", "--force", self.name, check=False)
+
+    def _wait(self, path: Path, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {path}; runc log: {self.log[-3:]}")
+            time.sleep(0.02)
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
