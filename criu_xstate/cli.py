@@ -6,6 +6,8 @@ Exit codes (DESIGN.md §4): 0 safe, 1 refused, 2 bad usage or invalid input, 3 i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -224,7 +226,32 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else " " if c in "\n\r\t" else f"\\x{ord(c):02x}" for c in text)
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so temporary directories are removed on the way out and
+    an in-place write stops where its journal lets undo finish it (docs/journal.md)."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
+def _raise_terminated(signo: int, frame: object) -> None:
+    raise Terminated(signo)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    previous: dict[int, object] = {}
+    for signo in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread (embedded use): leave them alone
+            previous[signo] = signal.signal(signo, _raise_terminated)
+    try:
+        return _run(argv)
+    finally:
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)  # type: ignore[arg-type]
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -243,6 +270,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("criu-xstate: interrupted", file=sys.stderr)
         return ExitCode.INTERNAL
+    except Terminated as exc:
+        print(f"criu-xstate: terminated by signal {exc.signo}", file=sys.stderr)
+        return 128 + exc.signo
     except BrokenPipeError:
         return ExitCode.OK
     except Exception as exc:

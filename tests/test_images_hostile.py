@@ -8,6 +8,8 @@ import io
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -151,10 +153,14 @@ def test_lazy_stack_pages_are_unreadable_and_refused(ck: Path, capsys: pytest.Ca
 
 
 def _tar(path: Path, members: list[tuple[str, bytes | None, str | None]], mode: str = "w") -> None:
-    with tarfile.open(path, mode) as tar:
+    with tarfile.open(path, mode, format=tarfile.GNU_FORMAT) as tar:
         for name, data, link in members:
             info = tarfile.TarInfo(name)
-            if link is not None:
+            if link == "special":  # data is the member type
+                assert data is not None
+                info.type = data
+                tar.addfile(info)
+            elif link is not None:
                 info.type = tarfile.SYMTYPE
                 info.linkname = link
                 tar.addfile(info)
@@ -187,25 +193,139 @@ def test_archives_are_read(tmp_path: Path, suffix: str, capsys: pytest.CaptureFi
     assert '"live": true' in capsys.readouterr().out
 
 
+@pytest.fixture
+def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where archive extraction really writes (tempfile's directory), private to the test."""
+    import tempfile
+
+    d = tmp_path / "tmpdir"
+    d.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
+
+
+def _special(name: str, kind: bytes) -> tuple[str, bytes | None, str | None]:
+    return (name, kind, "special")
+
+
 @pytest.mark.parametrize(
-    ("member", "expect"),
+    ("members", "expect"),
     [
-        (("checkpoint/../../escape.img", b"x", None), "outside"),
-        (("/etc/evil.img", b"x", None), "outside"),
-        (("checkpoint/core-1.img", None, "/etc/passwd"), "link"),
+        ([("checkpoint/../../escape.img", b"x", None)], "outside"),
+        ([("/etc/evil.img", b"x", None)], "outside"),
+        ([("checkpoint/core-1.img", None, "/etc/passwd")], "link"),
+        ([_special("checkpoint/core-1.img", tarfile.CHRTYPE)], "not a regular file"),
+        ([_special("checkpoint/core-1.img", tarfile.FIFOTYPE)], "not a regular file"),
+        ([_special("checkpoint/pages-1.img", tarfile.GNUTYPE_SPARSE)], "sparse"),
+        ([("checkpoint/inventory.img", b"x", None)], "twice"),
     ],
+    ids=["dotdot", "absolute", "symlink", "device", "fifo", "sparse", "duplicate"],
 )
-def test_hostile_archives_are_refused(
+def test_hostile_archives_are_refused_and_leave_nothing(
     tmp_path: Path,
-    member: tuple[str, bytes | None, str | None],
+    private_tmp: Path,
+    members: list[tuple[str, bytes | None, str | None]],
     expect: str,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     archive = tmp_path / "evil.tar"
-    _tar(archive, [member, *_fixture_members()])
+    _tar(archive, [*_fixture_members(), *members])
     rc, err = _show(archive, capsys)
-    assert rc == 2 and expect in err and "Traceback" not in err
-    assert not (tmp_path.parent / "escape.img").exists()
+    assert rc == 2 and expect in err and err.count("\n") == 1, err
+    assert not [p for p in tmp_path.rglob("*escape*")]
+    assert list(private_tmp.iterdir()) == []  # the extraction directory is gone
+
+
+@pytest.mark.parametrize("fmt", ["zstd", "gzip", "tar"])
+def test_archive_format_comes_from_the_content_not_the_name(
+    tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = tmp_path / "plain.tar"
+    _tar(plain, _fixture_members())
+    data = plain.read_bytes()
+    if fmt == "zstd":
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    elif fmt == "gzip":
+        import gzip
+
+        data = gzip.compress(data)
+    archive = tmp_path / "export.tar.gz"  # Podman's default name for what is zstd by default
+    archive.write_bytes(data)
+    assert main(["show", str(archive), "--json"]) == 0
+    assert '"live": true' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"garbage" * 100, b"\x28\xb5\x2f\xfd" + b"\x00" * 64, b"\x1f\x8b\x08" + b"\xff" * 64],
+    ids=["empty", "garbage", "bad-zstd", "bad-gzip"],
+)
+def test_garbage_archives_are_one_line(
+    tmp_path: Path, private_tmp: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = tmp_path / "x.tar.zst"
+    archive.write_bytes(content)
+    rc, err = _show(archive, capsys)
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_an_archive_larger_than_the_free_space_is_refused_before_writing(
+    tmp_path: Path, private_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from criu_xstate.images import checkpoint
+
+    archive = tmp_path / "big.tar"
+    _tar(archive, _fixture_members())
+    monkeypatch.setattr(checkpoint, "_room", lambda into: 50_000)
+    rc, err = _show(archive, capsys)
+    assert rc == 2 and "are free for extraction" in err
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_member_count_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from criu_xstate.images import checkpoint
+
+    archive = tmp_path / "many.tar"
+    _tar(archive, [(f"junk/{i}", b"", None) for i in range(50)] + _fixture_members())
+    monkeypatch.setattr(checkpoint, "MAX_ARCHIVE_MEMBERS", 20)
+    rc, err = _show(archive, capsys)
+    assert rc == 2 and "more than 20 members" in err
+
+
+def test_a_zstd_archive_with_many_members_streams_in_bounded_memory(tmp_path: Path) -> None:
+    """200,000 empty members (the issue's 1.56 GB case): headers are read once and forgotten."""
+    import subprocess
+    import sys
+
+    import zstandard
+
+    plain = tmp_path / "many.tar"
+    with tarfile.open(plain, "w") as tar:
+        for i in range(200_000):
+            tar.addfile(tarfile.TarInfo(f"junk/{i}"))
+        for name, data, _ in _fixture_members():
+            info = tarfile.TarInfo(name)
+            assert data is not None
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "many.tar.zst"
+    archive.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
+    plain.unlink()
+    code = (  # VmHWM: this process's own peak (ru_maxrss would include the forking parent's)
+        "import re, sys; from criu_xstate.cli import main; rc = main(['show', sys.argv[1]]); "
+        "print(rc, re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(archive)], capture_output=True, text=True, timeout=300
+    )
+    rc, rss_kib = map(int, r.stdout.split()[-2:])
+    assert rc == 0, r.stderr
+    assert rss_kib < 100 * 1024, f"{rss_kib} KiB"
 
 
 def _all_pages_in_parent(d: Path) -> None:
@@ -247,3 +367,69 @@ def test_parent_loop_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[st
     os.symlink(".", d / "parent")
     rc, err = _show(d, capsys)
     assert rc == 2 and "parent" in err
+
+
+def _run_cli(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "criu_xstate", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("pattern", ["pages-*.img", "core-*.img", "pstree.img", "mm-*.img"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink-outside", "directory"])
+def test_special_files_as_images_never_hang_or_escape(tmp_path: Path, pattern: str, kind: str) -> None:
+    d = tmp_path / "ck"
+    shutil.copytree(FIXTURE, d)
+    name = sorted(d.glob(pattern))[0].name
+    victim = tmp_path / "outside.img"
+    victim.write_bytes((d / name).read_bytes())
+    (d / name).unlink()
+    if kind == "fifo":
+        os.mkfifo(d / name)
+    elif kind == "directory":
+        (d / name).mkdir()
+    else:
+        (d / name).symlink_to(victim)
+    here = str(Path(__file__).parents[1] / "contrib" / "hosts" / "amd-zen4.yaml")
+    r = _run_cli(["plan", str(d), "--dest", here])  # a hang would hit the timeout
+    assert r.returncode == 2, r
+    assert r.stderr.count("\n") == 1 and name in r.stderr, r.stderr
+    assert any(w in r.stderr for w in ("FIFO", "symbolic link", "directory")), r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_during_extraction_leaves_no_temporary_files(tmp_path: Path) -> None:
+    """A big archive (a 1 GiB pages image of random bytes: incompressible, slow to extract)."""
+    import signal
+    import time
+
+    members = _fixture_members()
+    plain = tmp_path / "big.tar"
+    with tarfile.open(plain, "w") as tar:
+        for name, data, _ in members:
+            assert data is not None
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("checkpoint/pages-99.img")
+        info.size = 1 << 30
+        with open("/dev/urandom", "rb") as rnd:
+            tar.addfile(info, rnd)
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    for signo in (signal.SIGTERM, signal.SIGHUP):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "criu_xstate", "show", str(plain)],
+            env={**os.environ, "TMPDIR": str(tmpdir)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not any(tmpdir.rglob("pages-99.img")):  # extraction has begun
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.01)
+        p.send_signal(signo)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 128 + signo and "terminated" in err, err
+        assert list(tmpdir.iterdir()) == []

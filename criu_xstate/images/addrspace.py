@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from criu_xstate.errors import ImageError, MemoryUnreadable
-from criu_xstate.images.framing import Pagemap
+from criu_xstate.images.framing import Pagemap, open_image
 from criu_xstate.images.pb import mm_pb2
 
 PAGE = 4096
@@ -60,12 +60,10 @@ class AddressSpace:
         self._fd: int | None = None
         present_bytes = sum(r.pages * PAGE for r in self.runs if r.file_offset is not None)
         if present_bytes:
-            try:
-                size = self.pages_path.stat().st_size
-            except FileNotFoundError:
-                raise ImageError(
-                    self.pages_path, f"missing, but {self.pagemap_path} lists present pages"
-                ) from None
+            if not self.pages_path.exists() and not self.pages_path.is_symlink():
+                raise ImageError(self.pages_path, f"missing, but {self.pagemap_path} lists present pages")
+            self._fd = open_image(self.pages_path)  # a regular file, not through a link: or one clear error
+            size = os.fstat(self._fd).st_size
             if present_bytes > size:
                 raise ImageError(
                     self.pagemap_path,
@@ -106,11 +104,11 @@ class AddressSpace:
 
     def _pread(self, offset: int, size: int) -> bytes:
         if self._fd is None:
-            try:
-                self._fd = os.open(self.pages_path, os.O_RDONLY)
-            except OSError as exc:
-                raise ImageError(self.pages_path, f"unreadable: {exc.strerror}") from exc
-        data = os.pread(self._fd, size, offset)
+            self._fd = open_image(self.pages_path)
+        try:
+            data = os.pread(self._fd, size, offset)
+        except OSError as exc:
+            raise ImageError(self.pages_path, f"unreadable: {exc.strerror}") from None
         if len(data) != size:
             raise ImageError(self.pages_path, f"truncated: {size} bytes at offset {offset} not there")
         return data

@@ -127,6 +127,8 @@ def _safe_member(m: tarfile.TarInfo, archive: str) -> PurePosixPath | None:
         raise ImageError(archive, f"member {m.name!r} is a link; refusing to follow it")
     if m.isdir():
         return None
+    if m.issparse():
+        raise ImageError(archive, f"member {m.name!r} is a sparse file: CRIU never writes one")
     if not m.isreg():
         raise ImageError(archive, f"member {m.name!r} is not a regular file")
     if len(rel.parts) != 1:
@@ -138,54 +140,120 @@ def _safe_member(m: tarfile.TarInfo, archive: str) -> PurePosixPath | None:
     return rel
 
 
-def _open_archive(path: Path) -> tuple[tarfile.TarFile, IO[bytes] | None]:
-    name = path.name
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_ARCHIVE_MEMBERS = 1_000_000  # a container checkpoint has a few hundred; each costs a header to read
+FREE_SPACE_MARGIN = 64 << 20
+
+
+def archive_format(path: Path) -> str:
+    """'zstd', 'gzip' or 'tar', from the first bytes (Podman writes zstd whatever the file is named)."""
     try:
-        if name.endswith((".tar.zst", ".tzst")):
-            try:
-                import zstandard  # type: ignore[import-not-found,unused-ignore]
-            except ImportError:
-                raise ImageError(
-                    path, "zstd archive: install the 'zstandard' module (pip install zstandard)"
-                ) from None
-            raw = path.open("rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ImageError(path, f"unreadable: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageError(path, "not a regular file")
+        head = os.pread(fd, 512, 0)
+    finally:
+        os.close(fd)
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "tar"
+    raise ImageError(path, "not a checkpoint archive (neither zstd, gzip nor tar content)")
+
+
+def _open_archive(path: Path) -> tuple[tarfile.TarFile, IO[bytes]]:
+    """A streaming reader (members are read once, in order, and never all kept in memory)."""
+    fmt = archive_format(path)
+    raw = path.open("rb")
+    try:
+        if fmt == "zstd":
+            import zstandard
+
             stream: Any = zstandard.ZstdDecompressor().stream_reader(raw)
             return tarfile.open(fileobj=stream, mode="r|"), raw
-        return tarfile.open(path, mode="r:*"), None
+        return tarfile.open(fileobj=raw, mode="r|gz" if fmt == "gzip" else "r|"), raw
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ImageError(path, f"not a readable checkpoint archive: {exc}") from None
+        raw.close()
+        raise ImageError(path, f"not a readable checkpoint archive: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _room(into: Path) -> int:
+    st = os.statvfs(into)
+    return max(0, st.f_bavail * st.f_frsize - FREE_SPACE_MARGIN)
 
 
 def extract_archive(path: Path, into: Path) -> None:
-    """Extract the CRIU images of a checkpoint archive into ``into`` (already created, private)."""
+    """Extract the CRIU images of a checkpoint archive into ``into`` (already created, private).
+
+    Bounded: at most MAX_ARCHIVE_MEMBERS headers are read, sparse members are refused, and the images
+    extracted may never take more than the free space of ``into``'s filesystem (checked per member,
+    before it is written, from its declared size; a member that writes more than it declared is cut).
+    """
     tar, raw = _open_archive(path)
     found = 0
+    budget = _room(into)
     try:
         with tar:
-            for m in tar:
+            for count, m in enumerate(tar, 1):
+                if count > MAX_ARCHIVE_MEMBERS:
+                    raise ImageError(
+                        path, f"more than {MAX_ARCHIVE_MEMBERS} members: not a checkpoint archive"
+                    )
+                tar.members = []  # type: ignore[attr-defined]  # streaming: forget what was read
                 rel = _safe_member(m, str(path))
                 if rel is None:
                     continue
-                src = tar.extractfile(m)
-                if src is None:
-                    continue
-                dest = into / rel.name
-                with src, dest.open("xb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
+                if m.size > budget:
+                    raise ImageError(
+                        path, f"member {m.name!r} needs {m.size} bytes, {budget} are free for extraction"
+                    )
+                budget -= m.size
+                _extract_member(tar, m, into / rel.name, str(path))
                 found += 1
     except (tarfile.TarError, OSError, EOFError, io.UnsupportedOperation) as exc:
-        if isinstance(exc, FileExistsError):
-            raise ImageError(path, f"archive holds {exc.filename} twice") from None
-        raise ImageError(path, f"corrupted archive: {exc}") from None
+        raise ImageError(path, f"corrupted archive: {_first_line(exc)}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith("zstandard"):
+            raise ImageError(path, f"corrupted zstd stream: {_first_line(exc)}") from None
+        raise
     finally:
-        if raw is not None:
-            raw.close()
+        raw.close()
     if not found:
         raise ImageError(path, f"no CRIU images under {ARCHIVE_IMAGES}/ in the archive")
 
 
+def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, archive: str) -> None:
+    src = tar.extractfile(m)
+    if src is None:
+        return
+    try:
+        out = dest.open("xb")
+    except FileExistsError:
+        raise ImageError(archive, f"archive holds {m.name!r} twice") from None
+    with src, out:
+        left = m.size
+        while left > 0:
+            chunk = src.read(min(left, 1 << 20))
+            if not chunk:
+                raise ImageError(archive, f"member {m.name!r} is truncated")
+            out.write(chunk)
+            left -= len(chunk)
+
+
 def is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.endswith((".tar", ".tar.gz", ".tgz", ".tar.zst", ".tzst"))
+    """Any regular file given as a checkpoint is taken for an archive; its content decides the format."""
+    return path.is_file()
 
 
 @contextlib.contextmanager
@@ -201,7 +269,7 @@ def open_checkpoint(path: Path) -> Iterator[Checkpoint]:
             ck.close()
         return
     if not is_archive(path):
-        raise ImageError(path, "neither an images directory nor a .tar/.tar.gz/.tar.zst checkpoint archive")
+        raise ImageError(path, "neither an images directory nor a checkpoint archive (tar, gzip or zstd)")
     tmp = Path(tempfile.mkdtemp(prefix="criu-xstate-"))
     try:
         os.chmod(tmp, stat.S_IRWXU)

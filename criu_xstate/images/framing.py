@@ -7,6 +7,9 @@ entry is bounded, so a hostile image gives one clear :class:`ImageError` naming 
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,18 +112,46 @@ def split_image(data: bytes, kind: ImageKind, path: str) -> RawImage:
     return RawImage(path, head, magic, tuple(payloads))
 
 
-def read_file(path: Path) -> bytes:
+def open_image(path: Path) -> int:
+    """A read-only fd of the regular file ``path``: never through a symlink (only ``parent`` may be one,
+    and it is a directory), never blocking on a FIFO or device. Every image is opened here."""
     try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise ImageError(path, f"{size} bytes: larger than any CRIU image ({MAX_IMAGE_BYTES} limit)")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ImageError(path, "missing") from None
-    except IsADirectoryError:
-        raise ImageError(path, "is a directory, not an image") from None
     except OSError as exc:
-        raise ImageError(path, f"unreadable: {exc.strerror}") from exc
+        if exc.errno == errno.ELOOP:
+            raise ImageError(path, "is a symbolic link; refusing to follow it") from None
+        raise ImageError(path, f"unreadable: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = (
+            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        )
+        raise ImageError(path, f"is {kind}, not an image")
+    return fd
+
+
+def read_file(path: Path) -> bytes:
+    fd = open_image(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(path, f"{size} bytes: larger than any CRIU image ({MAX_IMAGE_BYTES} limit)")
+        chunks: list[bytes] = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size -= len(chunk)
+            if size < -(1 << 20):  # grew while being read
+                raise ImageError(path, "changed while being read")
+    except OSError as exc:
+        raise ImageError(path, f"unreadable: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def read_raw(path: Path, kind: ImageKind) -> RawImage:
