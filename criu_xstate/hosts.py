@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from criu_xstate import safeyaml
 from criu_xstate.errors import ProfileError
 from criu_xstate.x86.cpuid import RawFacts
 from criu_xstate.x86.xfeatures import DYNAMIC as DYNAMIC_FEATURES
@@ -70,6 +71,9 @@ class HostProfile:
 
 # --- parsing and validation ---------------------------------------------------------------------------
 
+MAX_NUMBER_CHARS = 40
+MAX_TEXT_CHARS = 1000
+MAX_XSAVE_BYTES = 1 << 16  # architectural XSAVE areas are ~11 KiB with AMX; 64 KiB bounds any future one
 _TOP = {"schema", "name", "cpu", "kernel", "xsave", "flags", "notes", "members"}
 _CPU = {"vendor", "family", "model", "model_name"}
 _KERNEL = {"release", "sigreturn"}
@@ -82,6 +86,8 @@ def _int(value: object, where: str, source: str) -> int:
     if isinstance(value, int):
         result = value
     elif isinstance(value, str):
+        if len(value) > MAX_NUMBER_CHARS:
+            raise ProfileError(source, f"{where}: a number of {len(value)} characters")
         try:
             result = int(value, 0)
         except ValueError:
@@ -90,7 +96,35 @@ def _int(value: object, where: str, source: str) -> int:
         raise ProfileError(source, f"{where}: expected a number, got {type(value).__name__}")
     if result < 0:
         raise ProfileError(source, f"{where}: must not be negative")
+    if result.bit_length() > 64:
+        raise ProfileError(source, f"{where}: larger than 64 bits")
     return result
+
+
+def _text(value: object, where: str, source: str) -> str:
+    """A printable string: names reach terminals and reports, so no control characters."""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ProfileError(source, f"{where}: expected a string, got {type(value).__name__}")
+    text = str(value)
+    if not text.isprintable() or len(text) > MAX_TEXT_CHARS:
+        raise ProfileError(source, f"{where}: must be printable text of at most {MAX_TEXT_CHARS} characters")
+    return text
+
+
+def _texts(value: object, where: str, source: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ProfileError(source, f"{where}: expected a list, got {type(value).__name__}")
+    return tuple(_text(v, f"{where} item", source) for v in value)
+
+
+def _list(value: object, where: str, source: str) -> list[object]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProfileError(source, f"{where}: expected a list, got {type(value).__name__}")
+    return value
 
 
 def _mapping(value: object, where: str, source: str, allowed: set[str]) -> dict[str, Any]:
@@ -137,15 +171,19 @@ def profile_from_dict(data: object, source: str) -> HostProfile:
         )
     user_size = _int(xs["user_size"], "xsave.user_size", source)
     profile = HostProfile(
-        name=str(top["name"]),
+        name=_text(top["name"], "name", source),
         cpu=CpuInfo(
-            vendor=str(cpu_d.get("vendor", "unknown")),
+            vendor=_text(cpu_d.get("vendor", "unknown"), "cpu.vendor", source),
             family=_int(cpu_d["family"], "cpu.family", source) if "family" in cpu_d else None,
             model=_int(cpu_d["model"], "cpu.model", source) if "model" in cpu_d else None,
-            model_name=str(cpu_d["model_name"]) if cpu_d.get("model_name") is not None else None,
+            model_name=_text(cpu_d["model_name"], "cpu.model_name", source)
+            if cpu_d.get("model_name") is not None
+            else None,
         ),
         kernel=KernelInfo(
-            release=str(kernel_d["release"]) if kernel_d.get("release") is not None else None,
+            release=_text(kernel_d["release"], "kernel.release", source)
+            if kernel_d.get("release") is not None
+            else None,
             sigreturn=str(sigreturn),
         ),
         xsave=XsaveInfo(
@@ -156,12 +194,13 @@ def profile_from_dict(data: object, source: str) -> HostProfile:
             mxcsr_mask=_int(xs.get("mxcsr_mask", 0xFFFF), "xsave.mxcsr_mask", source),
             components=comps,
             offset_conflicts=tuple(
-                _int(c, "xsave.offset_conflicts", source) for c in xs.get("offset_conflicts") or ()
+                _int(c, "xsave.offset_conflicts", source)
+                for c in _list(xs.get("offset_conflicts"), "xsave.offset_conflicts", source)
             ),
         ),
-        flags=tuple(str(f) for f in top.get("flags") or ()),
-        notes=tuple(str(n) for n in top.get("notes") or ()),
-        members=tuple(str(m) for m in top.get("members") or ()),
+        flags=_texts(top.get("flags"), "flags", source),
+        notes=_texts(top.get("notes"), "notes", source),
+        members=_texts(top.get("members"), "members", source),
     )
     validate(profile, source)
     return profile
@@ -171,6 +210,17 @@ def validate(p: HostProfile, source: str) -> None:
     xs = p.xsave
     if not xs.xcr0 & 0x3 == 0x3:
         raise ProfileError(source, f"xsave.xcr0 0x{xs.xcr0:x} lacks x87/SSE (bits 0 and 1)")
+    if xs.xcr0 >> 63 or xs.xcr0 & SUPERVISOR:
+        raise ProfileError(
+            source, f"xsave.xcr0 0x{xs.xcr0:x} has reserved or supervisor bits (XCR0 holds user state only)"
+        )
+    for what, size in (("user_size", xs.user_size), ("max_user_size", xs.max_user_size)):
+        if size > MAX_XSAVE_BYTES:
+            raise ProfileError(
+                source, f"xsave.{what} {size} is beyond any XSAVE area ({MAX_XSAVE_BYTES} limit)"
+            )
+    if xs.mxcsr_mask >> 32:
+        raise ProfileError(source, f"xsave.mxcsr_mask 0x{xs.mxcsr_mask:x} is wider than MXCSR (32 bits)")
     for n, c in xs.components.items():
         if n < 2:
             raise ProfileError(
@@ -180,7 +230,7 @@ def validate(p: HostProfile, source: str) -> None:
             raise ProfileError(
                 source, f"xsave.components.{n} ({component_name(n)}) is not in xcr0 0x{xs.xcr0:x}"
             )
-        if c.offset < LEGACY_SIZE or c.size == 0:
+        if c.offset < LEGACY_SIZE or c.size == 0 or c.offset + c.size > MAX_XSAVE_BYTES:
             raise ProfileError(
                 source, f"xsave.components.{n}: offset {c.offset} size {c.size} is not a standard slot"
             )
@@ -250,17 +300,8 @@ def dump_profile(p: HostProfile, *, as_json: bool = False) -> str:
 
 
 def load_profile(path: Path) -> HostProfile:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ProfileError(path, "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(path, f"unreadable: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ProfileError(path, f"not valid YAML: {exc}".replace("\n", " ")) from None
-    return profile_from_dict(data, str(path))
+    """A profile file, read as hostile input (safeyaml: bounded, no aliases or tags; then validated)."""
+    return profile_from_dict(safeyaml.load(safeyaml.read_text(path), path), str(path))
 
 
 def load_profiles(path: Path) -> list[HostProfile]:

@@ -152,3 +152,73 @@ def test_compare_names_what_is_missing(capsys: pytest.CaptureFixture[str]) -> No
 )
 def test_sigreturn_rule_from_release(release: str, rule: str) -> None:
     assert hosts.sigreturn_rule(release)[0] == rule
+
+
+XS = BASE["xsave"]
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        (BOMB, "anchors and aliases"),  # the 1.6 KB "billion laughs" (51 s and 3.5 GB before)
+        ("name: !!python/object/apply:os.system [true]\n", "tag"),
+        ("x: " + "[" * 40 + "]" * 40 + "\n", "nested deeper"),
+        (yaml.safe_dump({**BASE, "flags": 5}), "flags: expected a list"),
+        (yaml.safe_dump({**BASE, "xsave": {**XS, "xcr0": "1" * 5000}}), "characters"),  # type: ignore[dict]
+        (yaml.safe_dump({**BASE, "xsave": {**XS, "user_size": 10**30}}), "64 bits"),  # type: ignore[dict]
+        (yaml.safe_dump({**BASE, "xsave": {**XS, "xcr0": hex(1 << 63 | 7)}}), "reserved or supervisor"),  # type: ignore[dict]
+        (yaml.safe_dump({**BASE, "xsave": {**XS, "xcr0": "0x107"}}), "reserved or supervisor"),  # type: ignore[dict]
+        (
+            yaml.safe_dump(
+                {
+                    **BASE,
+                    "xsave": {
+                        **XS,
+                        "xcr0": "0x207",
+                        "user_size": 1 << 30,  # type: ignore[dict]
+                        "components": {2: {"offset": 576, "size": 256}, 9: {"offset": 1 << 30, "size": 8}},
+                    },
+                }
+            ),
+            "beyond any XSAVE area",
+        ),
+        (yaml.safe_dump({**BASE, "name": "evil\x1b[2J\x1b[31mname"}), "printable"),
+        (yaml.safe_dump({**BASE, "name": ["a"]}), "expected a string"),
+        ("\x00\x01\x02", "not valid YAML"),
+    ],
+    ids=[
+        "alias-bomb",
+        "python-tag",
+        "deep",
+        "flags-int",
+        "5000-digits",
+        "huge-int",
+        "bit63",
+        "supervisor",
+        "1GiB-offset",
+        "ansi-name",
+        "name-list",
+        "binary",
+    ],
+)
+def test_hostile_profiles_are_one_line_errors_fast(tmp_path: Path, text: str, expect: str) -> None:
+    import time
+
+    path = tmp_path / "p.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    t0 = time.monotonic()
+    with pytest.raises(ProfileError, match=expect) as exc:
+        hosts.load_profile(path)
+    assert time.monotonic() - t0 < 2 and "\n" not in str(exc.value)
+
+
+def test_a_fifo_as_profile_does_not_block(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "p.yaml")
+    with pytest.raises(ProfileError, match="not a regular file"):
+        hosts.load_profile(tmp_path / "p.yaml")

@@ -1,0 +1,69 @@
+"""YAML for small hostile files (host profiles, the hook policy): bounded size and depth, no anchors,
+aliases or tags (the "billion laughs" and object-construction attacks), safe_load only.
+Limits and why: docs/hostile-input.md."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from criu_xstate.errors import ProfileError
+
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 16
+MAX_SCALAR_CHARS = 4096
+
+
+def read_text(path: Path, max_bytes: int = MAX_BYTES) -> str:
+    """A small regular file's text: never a FIFO or device (it would block), bounded."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProfileError(path, "no such file") from None
+    except OSError as exc:
+        raise ProfileError(path, f"unreadable: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ProfileError(path, "not a regular file")
+        if st.st_size > max_bytes:
+            raise ProfileError(path, f"{st.st_size} bytes: larger than the {max_bytes}-byte limit")
+        data = os.read(fd, max_bytes + 1)
+    except OSError as exc:
+        raise ProfileError(path, f"unreadable: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProfileError(path, "not UTF-8 text") from None
+
+
+def load(text: str, where: str | Path) -> object:
+    """Parse ``text``; anything beyond plain nested mappings, lists and scalars is one ProfileError."""
+    import yaml
+
+    if len(text) > MAX_BYTES:
+        raise ProfileError(where, f"larger than the {MAX_BYTES}-byte limit")
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                raise ProfileError(where, "YAML anchors and aliases are not accepted")
+            tag = getattr(event, "tag", None)
+            if tag:
+                raise ProfileError(where, f"YAML tag {str(tag)[:40]!r} is not accepted")
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ProfileError(where, f"nested deeper than {MAX_DEPTH} levels")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.ScalarEvent) and len(event.value) > MAX_SCALAR_CHARS:
+                raise ProfileError(where, f"a value longer than {MAX_SCALAR_CHARS} characters")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ProfileError(where, f"not valid YAML: {' '.join(str(exc).split())[:200]}") from None
+    except RecursionError:
+        raise ProfileError(where, "nested too deeply") from None
