@@ -53,6 +53,10 @@ RT_SC_FPSTATE = RT_SIGFRAME_64.offset("fpstate")
 MAX_XSTATE_SIZE = 1 << 20  # hostile-input bound: no CPU has an XSAVE area near this
 SCAN_CHUNK = 1 << 16
 MAX_SCAN_BYTES = 64 << 20  # a stack deeper than this is refused as hostile
+# A real stack holds one restorer address per frame (live or stale); a stack with more candidates than
+# this is hostile or corrupt: examining each would cost time and memory without bound (a 7 KB archive
+# whose stack is full of restorer addresses took 220 s and 8.8 GB). It is reported as unreadable.
+MAX_CANDIDATES_PER_STACK = 4096
 STALE_WINDOW = 64 << 10  # how far below SP stale frames are looked for (reported, never rewritten)
 
 
@@ -506,6 +510,17 @@ def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigac
         except MemoryUnreadable as exc:
             if not any(u.stack is stack.kind for u in unreadable):
                 unreadable.append(UnreadableStack(thread.tid, stack.kind, exc))
+            return []
+        if len(rt) > MAX_CANDIDATES_PER_STACK:
+            if not any(u.stack is stack.kind for u in unreadable):
+                why = f"{len(rt)} restorer-address candidates (limit {MAX_CANDIDATES_PER_STACK}): not a stack"
+                unreadable.append(
+                    UnreadableStack(
+                        thread.tid,
+                        stack.kind,
+                        MemoryUnreadable(None, stack.start, stack.end - stack.start, why),
+                    )
+                )
             return []
         for addr in rt:
             if addr in examined:

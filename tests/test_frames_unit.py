@@ -229,3 +229,28 @@ def test_altstack_above_the_normal_stack_still_chains() -> None:
     thread = ThreadStacks(tid=7, sp=alt_frame - 0x100, altstack=(alt_lo, alt_size))
     found = find_frames(thread, mem, SIGACTIONS)
     assert [(f.address, f.depth) for f in found.live] == [(alt_frame, 0), (outer, 1)]
+
+
+def test_a_stack_full_of_restorer_addresses_costs_bounded_work() -> None:
+    """The hostile stack of issue 9 (220 s, 8.8 GB before): refused as unreadable without examining
+    each candidate (the work invariant is counted, not timed)."""
+    from criu_xstate import frames
+
+    mem = _memory()
+    bomb = struct.pack("<Q", RESTORER) * (STACK_SIZE // 8)
+    mem.write(STACK_LO, bomb)
+    examined = 0
+    real = frames.examine_frame_64
+
+    def counting(*args: object, **kw: object) -> object:
+        nonlocal examined
+        examined += 1
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    frames.examine_frame_64 = counting  # type: ignore[assignment]
+    try:
+        found = find_frames(ThreadStacks(tid=7, sp=STACK_HI - 0x1000), mem, SIGACTIONS)
+    finally:
+        frames.examine_frame_64 = real
+    assert examined == 0 and found.frames == ()
+    assert len(found.unreadable) == 1 and "restorer-address candidates" in found.unreadable[0].error.reason
