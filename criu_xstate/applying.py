@@ -131,6 +131,8 @@ def _copy_images(src: Path, out: Path, changes: list[Change]) -> None:
             continue
         dest = out / entry.name
         if entry.is_symlink():
+            if entry.name != "parent":
+                raise ApplyError(f"{entry}: is a symbolic link; refusing to copy what it points to")
             os.symlink(entry.resolve(), dest)  # `parent`: keep pointing at the original chain
         elif entry.is_file():
             if entry.name in edited:

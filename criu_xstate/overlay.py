@@ -79,7 +79,11 @@ def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     skip = {"parent", *touched_pages, *owners.values(), *writes}
     for entry in sorted(src.iterdir()):
-        if entry.name in skip or entry.name.startswith(".criu-xstate") or not entry.is_file():
+        if entry.name in skip or entry.name.startswith(".criu-xstate"):
+            continue
+        if entry.is_symlink():
+            raise ApplyError(f"{entry}: is a symbolic link; refusing to copy what it points to")
+        if not entry.is_file():
             continue
         try:
             os.link(entry, out / entry.name)

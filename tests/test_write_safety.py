@@ -298,3 +298,17 @@ def test_a_lock_the_filesystem_refuses_is_one_line(
     assert apply(ck, ZEN4) == 2
     assert "cannot lock the directory: No locks available" in capsys.readouterr().err
     assert files(ck) == original
+
+
+@pytest.mark.parametrize("self_contained", [False, True], ids=["overlay", "self-contained"])
+def test_apply_out_never_copies_through_a_symlink(
+    tmp_path: Path, ck: Path, self_contained: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("not part of the checkpoint")
+    (ck / "descriptors.json").symlink_to(secret)
+    out = tmp_path / "out"
+    more = ["--self-contained"] if self_contained else []
+    assert main(["apply", str(ck), "--dest", ZEN4, "--out", str(out), *more]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".out.criu-xstate-tmp-*"))
