@@ -20,6 +20,7 @@ from criu_xstate.changeset import ChangeSet, build_changeset
 from criu_xstate.commands.planning import Destination, load_source, plan_for
 from criu_xstate.errors import ApplyError, VerifyError
 from criu_xstate.images import open_checkpoint
+from criu_xstate.images.archive_out import write_archive
 from criu_xstate.images.checkpoint import is_archive
 from criu_xstate.model import CheckpointModel, load_model
 from criu_xstate.overlay import write_overlay
@@ -77,9 +78,11 @@ def apply_in_place(
         return Outcome(plan, cs, written)
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, archive: bool) -> None:
     if out.is_symlink():
-        raise ApplyError(f"{out}: is a symbolic link; give a new directory for --out")
+        raise ApplyError(f"{out}: is a symbolic link; give a new path for --out")
+    if archive and out.exists():
+        raise ApplyError(f"{out}: exists; give a new file name for the translated archive")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ApplyError(f"{out}: exists and is not an empty directory")
     try:
@@ -89,9 +92,13 @@ def _check_out(out: Path) -> None:
 
 
 def apply_to_copy(src: Path, out: Path, dest: Destination, opts: Options, *, self_contained: bool) -> Outcome:
-    """Write a translated copy of ``src`` to ``out`` (an incremental image over ``src`` unless
-    ``self_contained`` or ``src`` is an archive); ``src`` is never written."""
-    _check_out(out)
+    """Write a translated copy of ``src`` to ``out``; ``src`` is never written.
+
+    A directory gives a directory: an incremental image over ``src`` unless ``self_contained``. An
+    archive gives an archive of the same kind with every other member carried over byte for byte.
+    """
+    archive = is_archive(src)
+    _check_out(out, archive)
     if src.is_dir() and journal_state(src) == "pending":
         raise ApplyError(
             f"{src}: an interrupted criu-xstate apply left its journal; run `criu-xstate undo {src}`"
@@ -105,7 +112,7 @@ def apply_to_copy(src: Path, out: Path, dest: Destination, opts: Options, *, sel
         changes = cs.changes if cs is not None else []
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.criu-xstate-tmp-", dir=out.parent))
         try:
-            if changes and not is_archive(src) and not self_contained:
+            if changes and not archive and not self_contained:
                 written = write_overlay(ck.dir, staging, changes)
             else:
                 _copy_images(ck.dir, staging, changes)
@@ -113,8 +120,12 @@ def apply_to_copy(src: Path, out: Path, dest: Destination, opts: Options, *, sel
                     written = tx.apply(changes, "criu-xstate apply --out")
                     tx.forget()  # the original is untouched: nothing to undo in the copy
             verify_compatible(staging, dest, opts)
-            _sync_tree(staging)
-            os.rename(staging, out)  # replaces an empty `out`; atomic for plan, show and CRIU
+            if archive:
+                write_archive(src, staging, {c.name for c in changes}, out)
+                shutil.rmtree(staging)
+            else:
+                _sync_tree(staging)
+                os.rename(staging, out)  # replaces an empty `out`; atomic for plan, show and CRIU
             _fsync(out.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)

@@ -5,6 +5,7 @@ written; never a traceback (hypothesis mutates real images)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import struct
@@ -433,3 +434,53 @@ def test_sigterm_during_extraction_leaves_no_temporary_files(tmp_path: Path) -> 
         _, err = p.communicate(timeout=60)
         assert p.returncode == 128 + signo and "terminated" in err, err
         assert list(tmpdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["zstd", "gzip", "tar"])
+def test_apply_on_an_archive_writes_an_archive_of_the_same_kind_with_every_member(
+    tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from criu_xstate.images.checkpoint import archive_format
+
+    plain = tmp_path / "plain.tar"
+    extra = [
+        ("config.dump", b'{"id": "abc"}', None),
+        ("rootfs-diff.tar", b"\0" * 1024, None),
+        ("descriptors.json", b"[]", None),
+        ("checkpoint/descriptors.json", b"[1]", None),
+    ]
+    _tar(plain, [*extra, *[m for m in _fixture_members() if m[0].startswith("checkpoint/")]])
+    data = plain.read_bytes()
+    if fmt == "zstd":
+        import zstandard
+
+        data = zstandard.ZstdCompressor().compress(data)
+    elif fmt == "gzip":
+        import gzip
+
+        data = gzip.compress(data)
+    src = tmp_path / "export.tar.gz"
+    src.write_bytes(data)
+    out = tmp_path / "translated.tar.gz"
+    zen4 = str(Path(__file__).parents[1] / "contrib" / "hosts" / "amd-zen4.yaml")
+    assert main(["apply", str(src), "--dest", zen4, "--out", str(out)]) == 0
+    assert archive_format(out) == fmt
+    capsys.readouterr()
+    assert main(["plan", str(out), "--dest", zen4, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "compatible"
+
+    def members(path: Path) -> dict[str, bytes]:
+        from criu_xstate.images.checkpoint import _open_archive
+
+        tar, raw = _open_archive(path)
+        with tar:
+            got = {m.name: tar.extractfile(m).read() if m.isreg() else b"" for m in tar}  # type: ignore[union-attr]
+        raw.close()
+        return got
+
+    before, after = members(src), members(out)
+    assert list(before) == list(after)  # same members, same order
+    for name, _, _ in extra:
+        assert after[name] == before[name]
+    changed = sorted(n for n in before if before[n] != after[n])
+    assert changed and all(n.startswith("checkpoint/") and n.endswith(".img") for n in changed)
