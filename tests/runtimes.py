@@ -138,3 +138,135 @@ class RuncContainer:
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def podman_skip_reason() -> str | None:
+    reason = skip_reason()
+    if reason:
+        return reason
+    if shutil.which("podman") is None:
+        return "podman is not installed (scripts/setup-dev installs it)"
+    return None
+
+
+@dataclass
+class Podman:
+    """Podman with private storage, run root and containers.conf under ``root`` (never the system's),
+    runc as its runtime (crun 1.8 in bookworm cannot checkpoint), CRIU 4.1.1 first on PATH."""
+
+    root: Path
+    log: list[str] = field(default_factory=list)
+    runroot: Path | None = None  # storage and run root: podman wants short paths (under 50 characters)
+
+    def setup(self) -> None:
+        import tempfile
+
+        self.runroot = Path(tempfile.mkdtemp(prefix="cxs-", dir="/tmp"))
+        assert self.short
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        for name, target in (("criu", criu_path()), ("runc", None)):
+            script = bin_dir / name
+            if target is None:  # runc with our CRIU (podman passes no --criu of its own)
+                runc = shutil.which("runc", path="/usr/sbin:/usr/bin:/sbin:/bin")
+                script.write_text(f'#!/bin/sh\nexec {runc} --criu {criu_path()} "$@"\n')
+            else:
+                script.write_text(f'#!/bin/sh\nexec {target} "$@"\n')
+            script.chmod(0o755)
+        (self.root / "containers.conf").write_text(
+            "[containers]\n"
+            'default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n'
+            "[engine]\n"
+            'runtime = "runc"\n'
+            "[engine.runtimes]\n"
+            f'runc = ["{bin_dir / "runc"}"]\n'
+        )
+        rootfs = self.root / "rootfs"
+        for d in ("bin", "out", "proc", "dev", "sys", "tmp"):
+            (rootfs / d).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+        (rootfs / "bin" / "sh").symlink_to("busybox")
+        shutil.copy2(build_workload("ymm_handler"), rootfs / "ymm_handler")
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(self.root / "rootfs.tar"), "."], check=True)
+        self.run("import", str(self.root / "rootfs.tar"), "localhost/criu-xstate-ymm:test")
+
+    @property
+    def out(self) -> Path:
+        return self.root / "rootfs" / "out"
+
+    @property
+    def short(self) -> Path:
+        if self.runroot is None:
+            raise RuntimeError("Podman.setup() first")
+        return self.runroot
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        cmd = [
+            "podman",
+            "--root",
+            str(self.short / "storage"),
+            "--runroot",
+            str(self.short / "run"),
+            "--storage-driver",
+            "vfs",
+            *args,
+        ]
+        env = {
+            **os.environ,
+            "CONTAINERS_CONF": str(self.root / "containers.conf"),
+            "PATH": f"{self.root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        }
+        r = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
+        )
+        self.log.append(f"$ podman {' '.join(args)} -> {r.returncode} {r.stderr.strip()[-300:]}")
+        if check and r.returncode != 0:
+            raise RuntimeError(f"podman {args[0]} failed ({r.returncode}): {r.stderr.strip()}")
+        return r
+
+    def start_workload(self, name: str, *extra: str) -> None:
+        for p in self.out.iterdir():
+            p.unlink()
+        self.run(
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            "none",
+            "-v",
+            f"{self.out}:/out",
+            *extra,
+            "localhost/criu-xstate-ymm:test",
+            "/bin/sh",
+            "-c",
+            "exec </dev/null >/dev/null 2>&1; exec /ymm_handler /out 11 siginfo",
+        )
+        _wait(self.out / "ready", 20.0)
+        time.sleep(0.05)
+
+    def result(self, name: str) -> list[str]:
+        self.run("kill", "--signal", "USR2", name)
+        _wait(self.out / "done", 20.0)
+        return _lines(self.out / "result")
+
+    def clean_out(self) -> None:
+        for n in ("result", "done"):
+            (self.out / n).unlink(missing_ok=True)
+
+    def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run("rm", "--all", "--force", check=False)
+        with contextlib.suppress(Exception):
+            self.run("rmi", "--all", "--force", check=False)
+        if self.runroot is not None:
+            subprocess.run(["umount", "-R", str(self.runroot)], capture_output=True)
+            shutil.rmtree(self.runroot, ignore_errors=True)
+
+
+def _wait(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {path}")
+        time.sleep(0.02)
