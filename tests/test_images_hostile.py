@@ -484,3 +484,38 @@ def test_apply_on_an_archive_writes_an_archive_of_the_same_kind_with_every_membe
         assert after[name] == before[name]
     changed = sorted(n for n in before if before[n] != after[n])
     assert changed and all(n.startswith("checkpoint/") and n.endswith(".img") for n in changed)
+
+
+@pytest.mark.parametrize(
+    ("config", "spec", "expect"),
+    [
+        (
+            b'{"name": "web", "id": "0123456789abcdef", "rootfsImageName": "quay.io/x:1", "runtime": "runc",'
+            b' "createdTime": "2026-11-25T08:00:00Z"}',
+            b'{"annotations": {"io.container.manager": "libpod"}}',
+            {
+                "name": "web",
+                "id": "0123456789abcdef",
+                "image": "quay.io/x:1",
+                "runtime": "runc",
+                "engine": "Podman",
+                "created": "2026-11-25T08:00:00Z",
+            },
+        ),
+        (b"not json \x1b[2J", b"[1, 2]", None),
+        (
+            b'{"name": "evil\\u001b[2J"}',
+            b"{}",
+            {"name": None, "id": None, "image": None, "runtime": None, "engine": "unknown", "created": None},
+        ),
+    ],
+    ids=["podman", "garbage", "escape"],
+)
+def test_show_names_the_container_from_its_metadata(
+    tmp_path: Path, config: bytes, spec: bytes, expect: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    archive = tmp_path / "export.tar"
+    members = [m for m in _fixture_members() if m[0].startswith("checkpoint/")]
+    _tar(archive, [("config.dump", config, None), ("spec.dump", spec, None), *members])
+    assert main(["show", str(archive), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["container"] == expect

@@ -85,6 +85,16 @@ def test_podman_exports_translated_and_restored(
     assert r.returncode == 0, r.stderr
     (info,) = json.loads(r.stdout)
     assert (info["container_name"], info["engine"], info["runtime"]) == ("xs", "Podman", "runc")
+    capsys.readouterr()
+    assert main(["show", str(back), "--json"]) == 0  # show names the container as checkpointctl does
+    ours = json.loads(capsys.readouterr().out)["container"]
+    assert (ours["name"], ours["id"], ours["image"], ours["runtime"], ours["engine"]) == (
+        info["container_name"],
+        info["id"],
+        info["image"],
+        info["runtime"],
+        info["engine"],
+    )
 
 
 def test_podman_restore_refused_by_the_hook(tmp_path: Path, podman: Podman) -> None:

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from criu_xstate.commands.common import INTERRUPTED, frame_json, journal_of, mask_names, opened_model
 from criu_xstate.errors import ExitCode
 from criu_xstate.frames import Liveness
+from criu_xstate.images.container import ContainerMeta
 from criu_xstate.model import CheckpointModel, Thread
 from criu_xstate.report import dumps
 
 SCHEMA = "criu-xstate/show/v1"
+
+
+def _container_line(m: ContainerMeta) -> str:
+    """What checkpointctl shows first: which container this is."""
+    ident = f" ({m.id[:12]})" if m.id else ""
+    parts = [
+        f"image {m.image}" if m.image else None,
+        f"runtime {m.runtime}" if m.runtime else None,
+        f"engine {m.engine}",
+        f"created {m.created}" if m.created else None,
+    ]
+    return f"container {m.name or '?'}{ident}: " + ", ".join(p for p in parts if p)
 
 
 def _thread_json(t: Thread) -> dict[str, object]:
@@ -119,12 +133,16 @@ def show_text(model: CheckpointModel, source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     journal = journal_of(args.checkpoint)
     with opened_model(args.checkpoint) as model:
+        meta = model.checkpoint.container()
         if args.json:
             doc = show_json(model, args.checkpoint)
             doc["journal"] = journal
+            doc["container"] = dataclasses.asdict(meta) if meta else None
             out = dumps(doc)
         else:
             out = show_text(model, args.checkpoint)
+            if meta is not None:
+                out = f"{_container_line(meta)}\n{out}"
             if journal == "pending":
                 out = f"warning: {INTERRUPTED}; run `criu-xstate undo {args.checkpoint}`\n{out}"
     sys.stdout.write(out)

@@ -22,6 +22,13 @@ from typing import IO, Any
 from criu_xstate.errors import ImageError
 from criu_xstate.images import framing
 from criu_xstate.images.addrspace import AddressSpace
+from criu_xstate.images.container import (
+    ARCHIVE_META_DIR,
+    MAX_META_BYTES,
+    META_FILES,
+    ContainerMeta,
+    read_container_meta,
+)
 from criu_xstate.images.pb import core_pb2, cpuinfo_pb2, inventory_pb2, mm_pb2, pstree_pb2
 
 MAX_PARENT_DEPTH = 64
@@ -102,6 +109,10 @@ class Checkpoint:
                 parent_space = parent.address_space(pid)
             self._spaces[pid] = AddressSpace(self.dir, self.pagemap(pid), self.mm(pid), parent_space)
         return self._spaces[pid]
+
+    def container(self) -> ContainerMeta | None:
+        """Podman / CRI-O metadata (config.dump, spec.dump) when the checkpoint came with it."""
+        return read_container_meta(self.dir)
 
     def close(self) -> None:
         for space in self._spaces.values():
@@ -211,6 +222,11 @@ def extract_archive(path: Path, into: Path) -> None:
                         path, f"more than {MAX_ARCHIVE_MEMBERS} members: not a checkpoint archive"
                     )
                 tar.members = []  # type: ignore[attr-defined]  # streaming: forget what was read
+                if m.name.lstrip("./") in META_FILES and m.isreg() and m.size <= MAX_META_BYTES:
+                    meta = into / ARCHIVE_META_DIR
+                    meta.mkdir(exist_ok=True)
+                    _extract_member(tar, m, meta / m.name.lstrip("./"), str(path))
+                    continue
                 rel = _safe_member(m, str(path))
                 if rel is None:
                     continue
