@@ -89,6 +89,45 @@ def _profile_ref(ref: str) -> str:
     return resolve(ref)
 
 
+def _format_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format", choices=["text", "json"], default=None, help="output format, as checkpointctl spells it"
+    )
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    print(bash_completion(build_parser()))
+    return ExitCode.OK
+
+
+def bash_completion(parser: argparse.ArgumentParser) -> str:
+    """A bash completion function generated from the parser: commands, then each command's options."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    cases = []
+    for name, p in sorted(sub.choices.items()):
+        opts = sorted(o for a in p._actions for o in a.option_strings)
+        cases.append(f'        {name}) opts="{" ".join(opts)}" ;;')
+    commands = " ".join(sorted(sub.choices))
+    return "\n".join(
+        [
+            '# bash completion for criu-xstate: eval "$(criu-xstate completion bash)"',
+            "_criu_xstate() {",
+            '    local cur="${COMP_WORDS[COMP_CWORD]}" opts',
+            '    if [ "$COMP_CWORD" -eq 1 ]; then',
+            f'        COMPREPLY=($(compgen -W "{commands} --help --version" -- "$cur")); return',
+            "    fi",
+            '    case "${COMP_WORDS[1]}" in',
+            *cases,
+            "        *) opts= ;;",
+            "    esac",
+            '    if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "$opts" -- "$cur"));',
+            '    else COMPREPLY=($(compgen -f -- "$cur")); fi',
+            "}",
+            "complete -o filenames -F _criu_xstate criu-xstate",
+        ]
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="criu-xstate",
@@ -100,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="summarize a checkpoint: processes, threads, stacks, XSAVE state, frames")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="images directory or checkpoint archive")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    _format_option(p)
     p.set_defaults(handler=_cmd_show)
 
     p = sub.add_parser("probe", help="describe this machine as a host profile")
@@ -147,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--no-relocate", action="store_true", help="refuse instead of relocating XSAVE images")
         p.add_argument("--json", action="store_true", help="the plan JSON (schema criu-xstate/plan/v1)")
+        _format_option(p)
 
     p = sub.add_parser("plan", help="is a restore on the destination safe, safe after apply, or unsafe?")
     plan_args(p)
@@ -214,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_hook_check)
 
+    p = sub.add_parser("completion", help="print a shell completion script (bash)")
+    p.add_argument("shell", choices=["bash"])
+    p.set_defaults(handler=_cmd_completion)
+
     p = sub.add_parser("profiles", help="list the host profiles shipped with criu-xstate (for --dest NAME)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_cmd_profiles)
@@ -257,6 +302,8 @@ def _run(argv: Sequence[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors are exit 2, --help/--version exit 0
         return int(exc.code) if isinstance(exc.code, int) else ExitCode.BAD_INPUT
+    if getattr(args, "format", None) == "json":
+        args.json = True
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -72,3 +72,28 @@ def test_the_hook_script_starts_no_python_for_other_actions(tmp_path: Path) -> N
 def test_python_dash_m_is_the_cli() -> None:
     r = subprocess.run([sys.executable, "-m", "criu_xstate", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("criu-xstate ")
+
+
+def test_bash_completion_completes_commands_and_options(tmp_path: Path) -> None:
+    script = tmp_path / "c.bash"
+    r = subprocess.run(
+        [sys.executable, "-m", "criu_xstate", "completion", "bash"], capture_output=True, text=True
+    )
+    assert r.returncode == 0
+    script.write_text(r.stdout)
+    probe = (
+        f"source {script}; COMP_WORDS=(criu-xstate pl); COMP_CWORD=1; _criu_xstate; echo ${{COMPREPLY[@]}};"
+        " COMP_WORDS=(criu-xstate apply --in); COMP_CWORD=2; _criu_xstate; echo ${COMPREPLY[@]}"
+    )
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True).stdout.splitlines()
+    assert out == ["plan", "--in-place"]
+
+
+def test_format_json_is_json(capsys: object) -> None:
+    import json
+
+    from criu_xstate.cli import main
+
+    fixture = str(REPO / "tests" / "fixtures" / "threads")
+    assert main(["plan", fixture, "--dest", "amd-zen4", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verdict"] == "translate"  # type: ignore[attr-defined]
