@@ -301,7 +301,8 @@ _REVERT_KNOWN = {(6, 18): 44}  # stable branches measured to carry the 2026 reve
 
 
 def sigreturn_rule(release: str | None) -> tuple[str, str | None]:
-    """The kernel's magic2 rule from its release, with a note when the answer is a conservative guess."""
+    """The kernel's magic2 rule guessed from its release (only when the self-test could not answer,
+    docs/sigreturn-probe.md), with a note when the answer is a conservative guess."""
     if not release:
         return "user-size", "kernel release unknown: assuming the stricter user-size rule"
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?(-rc(\d+))?", release)
