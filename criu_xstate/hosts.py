@@ -25,6 +25,7 @@ from criu_xstate.x86.xfeatures import LEGACY_SIZE, SUPERVISOR, component_name
 
 SCHEMA = "criu-xstate/host/v1"
 SIGRETURN_RULES = ("frame-size", "user-size")
+SIGRETURN_SOURCES = ("measured", "set", "guessed")  # strongest first
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class CpuInfo:
 class KernelInfo:
     release: str | None = None
     sigreturn: str = "frame-size"
+    sigreturn_source: str = "set"  # measured | set | guessed
+    sigreturn_reason: str | None = None  # guessed: why it could not be measured
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,7 @@ MAX_TEXT_CHARS = 1000
 MAX_XSAVE_BYTES = 1 << 16  # architectural XSAVE areas are ~11 KiB with AMX; 64 KiB bounds any future one
 _TOP = {"schema", "name", "cpu", "kernel", "xsave", "flags", "notes", "members"}
 _CPU = {"vendor", "family", "model", "model_name"}
-_KERNEL = {"release", "sigreturn"}
+_KERNEL = {"release", "sigreturn", "sigreturn_source", "sigreturn_reason"}
 _XSAVE = {"xcr0", "user_size", "max_user_size", "dynamic", "mxcsr_mask", "components", "offset_conflicts"}
 
 
@@ -169,6 +172,15 @@ def profile_from_dict(data: object, source: str) -> HostProfile:
         raise ProfileError(
             source, f"kernel.sigreturn must be one of {', '.join(SIGRETURN_RULES)}, got {sigreturn!r}"
         )
+    sigreturn_source = kernel_d.get("sigreturn_source", "set" if "sigreturn" in kernel_d else "guessed")
+    if sigreturn_source not in SIGRETURN_SOURCES:
+        allowed = ", ".join(SIGRETURN_SOURCES)
+        raise ProfileError(
+            source, f"kernel.sigreturn_source must be one of {allowed}, got {sigreturn_source!r}"
+        )
+    sigreturn_reason = kernel_d.get("sigreturn_reason")
+    if "sigreturn" not in kernel_d and sigreturn_reason is None:
+        sigreturn_reason = "the profile names no kernel.sigreturn rule"
     user_size = _int(xs["user_size"], "xsave.user_size", source)
     profile = HostProfile(
         name=_text(top["name"], "name", source),
@@ -185,6 +197,8 @@ def profile_from_dict(data: object, source: str) -> HostProfile:
             if kernel_d.get("release") is not None
             else None,
             sigreturn=str(sigreturn),
+            sigreturn_source=str(sigreturn_source),
+            sigreturn_reason=str(sigreturn_reason) if sigreturn_reason is not None else None,
         ),
         xsave=XsaveInfo(
             xcr0=_int(xs["xcr0"], "xsave.xcr0", source),
@@ -272,7 +286,7 @@ def profile_to_dict(p: HostProfile) -> dict[str, Any]:
         "schema": SCHEMA,
         "name": p.name,
         "cpu": cpu,
-        "kernel": {"release": p.kernel.release, "sigreturn": p.kernel.sigreturn},
+        "kernel": _kernel_to_dict(p.kernel),
         "xsave": {
             "xcr0": hex(xs.xcr0),
             "user_size": xs.user_size,
@@ -289,6 +303,14 @@ def profile_to_dict(p: HostProfile) -> dict[str, Any]:
         out["notes"] = list(p.notes)
     if p.members:
         out["members"] = list(p.members)
+    return out
+
+
+def _kernel_to_dict(k: KernelInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {"release": k.release, "sigreturn": k.sigreturn}
+    out["sigreturn_source"] = k.sigreturn_source
+    if k.sigreturn_reason:
+        out["sigreturn_reason"] = k.sigreturn_reason
     return out
 
 
@@ -320,7 +342,8 @@ _REVERT_KNOWN = {(6, 18): 44}  # stable branches measured to carry the 2026 reve
 
 
 def sigreturn_rule(release: str | None) -> tuple[str, str | None]:
-    """The kernel's magic2 rule from its release, with a note when the answer is a conservative guess."""
+    """The kernel's magic2 rule guessed from its release (only when the self-test could not answer,
+    docs/sigreturn-probe.md), with a note when the answer is a conservative guess."""
     if not release:
         return "user-size", "kernel release unknown: assuming the stricter user-size rule"
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?(-rc(\d+))?", release)
@@ -338,6 +361,28 @@ def sigreturn_rule(release: str | None) -> tuple[str, str | None]:
         f"{release} is in the 6.15 .. 7.1-rc5 window (magic2 at user_size); if this build carries the "
         "revert 44eeff9bc467, set kernel.sigreturn: frame-size"
     )
+
+
+def sigreturn_of(facts: RawFacts, explicit: str | None) -> KernelInfo:
+    """The rule, with how it was obtained: set by the user, measured by the self-test, else guessed."""
+    if explicit is not None:
+        return KernelInfo(facts.release, explicit, "set")
+    if facts.sigreturn in SIGRETURN_RULES:
+        return KernelInfo(facts.release, facts.sigreturn, "measured")
+    if facts.sigreturn == "cannot-matter":  # both rules accept the same frames: name the laxer one
+        return KernelInfo(facts.release, "frame-size", "measured", f"cannot matter: {facts.sigreturn_detail}")
+    why = facts.sigreturn_detail if facts.sigreturn == "unknown" else "no self-test result in the facts"
+    rule, note = sigreturn_rule(facts.release)
+    guess = note or f"{facts.release}: outside the 6.15 .. 7.1-rc5 window"
+    return KernelInfo(facts.release, rule, "guessed", f"not measured ({why}); from the release: {guess}")
+
+
+def _sigreturn_note(k: KernelInfo, detail: str) -> str:
+    if k.sigreturn_source == "measured":
+        return f"sigreturn rule {k.sigreturn} measured: {k.sigreturn_reason or detail}"
+    if k.sigreturn_source == "set":
+        return f"sigreturn rule set explicitly to {k.sigreturn}"
+    return f"sigreturn rule {k.sigreturn} guessed: {k.sigreturn_reason}"
 
 
 def _vendor(facts: RawFacts) -> str:
@@ -403,16 +448,13 @@ def profile_from_facts(facts: RawFacts, name: str, *, sigreturn: str | None = No
                 f"disagreement: AT_MINSIGSTKSZ {facts.minsigstksz} vs {expect_ia32} expected for a "
                 f"{max_user}-byte XSAVE area (kernel.md §1.3)"
             )
-    rule, note = sigreturn_rule(facts.release)
-    if sigreturn is not None:
-        rule, note = sigreturn, f"sigreturn rule set explicitly to {sigreturn}"
-    if note:
-        notes.append(note)
+    kernel = sigreturn_of(facts, sigreturn)
+    notes.append(_sigreturn_note(kernel, facts.sigreturn_detail))
     family, model = _family_model(facts)
     profile = HostProfile(
         name=name,
         cpu=CpuInfo(vendor=_vendor(facts), family=family, model=model, model_name=facts.model_name),
-        kernel=KernelInfo(release=facts.release, sigreturn=rule),
+        kernel=kernel,
         xsave=XsaveInfo(
             xcr0=user_xcr0,
             user_size=user_size,
@@ -538,7 +580,9 @@ def compare(a: HostProfile, b: HostProfile) -> list[Difference]:
     if b.kernel.sigreturn == "user-size" and a.kernel.sigreturn != "user-size":
         out.append(
             Difference(
-                "sigreturn", "kernel", f"{b.name} looks for magic2 at its user size (6.15 .. 7.1-rc5 rule)"
+                "sigreturn",
+                "kernel",
+                f"{b.name} looks for magic2 at its user size (6.15 .. 7.1-rc5 rule; {_provenance(b.kernel)})",
             )
         )
     if b.flags:
@@ -591,7 +635,7 @@ def baseline(
     fleet = HostProfile(
         name=name or "fleet-baseline",
         cpu=CpuInfo(vendor=_common((p.cpu.vendor for p in profiles), "mixed")),
-        kernel=KernelInfo(release=None, sigreturn="user-size" if strict else "frame-size"),
+        kernel=_weakest_kernel(profiles, "user-size" if strict else "frame-size"),
         xsave=XsaveInfo(
             xcr0=xcr0,
             user_size=user_size,
@@ -608,6 +652,18 @@ def baseline(
     validate(fleet, fleet.name)
     gave_up = {p.name: [f"{d.subject}: {d.detail}" for d in compare(p, fleet)] for p in profiles}
     return fleet, gave_up
+
+
+def _provenance(k: KernelInfo) -> str:
+    return k.sigreturn_source + (f": {k.sigreturn_reason}" if k.sigreturn_source == "guessed" else "")
+
+
+def _weakest_kernel(profiles: Sequence[HostProfile], rule: str) -> KernelInfo:
+    """A fleet's rule is only as sure as its least sure host's."""
+    weakest = max(profiles, key=lambda p: SIGRETURN_SOURCES.index(p.kernel.sigreturn_source))
+    source = weakest.kernel.sigreturn_source
+    reason = f"{weakest.name}: {weakest.kernel.sigreturn_reason}" if source == "guessed" else None
+    return KernelInfo(release=None, sigreturn=rule, sigreturn_source=source, sigreturn_reason=reason)
 
 
 def _common(values: Iterable[str], mixed: str) -> str:

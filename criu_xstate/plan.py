@@ -101,6 +101,7 @@ class HostFacts:
     flags: frozenset[str] = frozenset()
     offset_conflicts: frozenset[int] = frozenset()  # fleet: components whose offsets differ between hosts
     dynamic: int = 0  # features a new task lacks until ARCH_REQ_XCOMP_PERM (AMX tile data)
+    sigreturn_guess: str | None = None  # why ``sigreturn`` is a guess; None: measured or set
 
     @property
     def default_xfeatures(self) -> int:
@@ -247,6 +248,7 @@ class Plan:
                 "xcr0": hex(self.dest.xcr0),
                 "user_size": self.dest.user_size,
                 "sigreturn": self.dest.sigreturn,
+                "sigreturn_guess": self.dest.sigreturn_guess,
             },
             "threads": [t.to_json() for t in self.threads],
             "reasons": [f.to_json() for f in self.findings],

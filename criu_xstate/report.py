@@ -95,6 +95,11 @@ def render_plan_text(
             f"{checkpoint} -> {d.name} (xcr0 0x{d.xcr0:x}, user size {d.user_size}, sigreturn {d.sigreturn})",
             0,
         ),
+        *(
+            _wrap(f"warning: {d.name}'s sigreturn rule is a guess: {d.sigreturn_guess}", 2)
+            if d.sigreturn_guess
+            else []
+        ),
         f"{len(plan.threads)} thread(s), {len(frames)} live frame(s): {changed} to rewrite, "
         f"{refused} refused",
     ]

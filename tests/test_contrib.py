@@ -52,6 +52,7 @@ def test_nfd_features() -> None:
     ).stdout.splitlines()
     assert "criu-xstate.xcr0=0x602e7" in out and "criu-xstate.amx-xtiledata=true" in out
     assert "criu-xstate.user-size=2816" in out
+    assert "criu-xstate.sigreturn-source=guessed" in out  # a CPU-family profile: its kernel is unknown
 
 
 def test_the_hook_script_starts_no_python_for_other_actions(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ class Destination:
 def facts_from_profile(profile: hosts.HostProfile) -> HostFacts:
     """The plan's view of a host profile (DESIGN.md §4)."""
     xs = profile.xsave
+    guessed = profile.kernel.sigreturn_source == "guessed"
     return HostFacts(
         name=profile.name,
         xcr0=xs.xcr0,
@@ -32,6 +33,7 @@ def facts_from_profile(profile: hosts.HostProfile) -> HostFacts:
         flags=frozenset(profile.flags),
         offset_conflicts=frozenset(xs.offset_conflicts),
         dynamic=xs.dynamic,
+        sigreturn_guess=(profile.kernel.sigreturn_reason or "no reason recorded") if guessed else None,
     )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from criu_xstate.errors import ProbeError
+from criu_xstate.x86 import sigreturn_probe
 
 ARCH_GET_XCOMP_SUPP = 0x1021
 SYS_ARCH_PRCTL = 158
@@ -49,6 +50,8 @@ class RawFacts:
     flags: list[str] = field(default_factory=list)
     model_name: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    sigreturn: str | None = None  # the self-test's outcome (sigreturn_probe.OUTCOMES), None: not run
+    sigreturn_detail: str = ""
 
 
 class _Stubs:
@@ -188,7 +191,19 @@ def probe_raw() -> RawFacts:
     facts.minsigstksz = _auxv(AT_MINSIGSTKSZ)
     facts.release = os.uname().release
     facts.flags, facts.model_name = _cpuinfo_text()
+    _measure_sigreturn(facts, stubs is not None)
     return facts
+
+
+def _measure_sigreturn(facts: RawFacts, can_map_code: bool) -> None:
+    if not can_map_code:
+        facts.sigreturn, facts.sigreturn_detail = "unknown", "no executable page for the self-test"
+        return
+    has_xsave = bool(facts.cpuid.get((1, 0), (0, 0, 0, 0))[2] >> 27 & 1)  # OSXSAVE
+    eax, ebx, _, _ = facts.cpuid.get((0xD, 2), (0, 0, 0, 0))
+    size = facts.cpuid.get((0xD, 0), (0, 576, 0, 0))[1]
+    m = sigreturn_probe.measure(has_xsave=has_xsave, xcr0=facts.xcr0, avx_end=eax + ebx, user_size=size)
+    facts.sigreturn, facts.sigreturn_detail = m.outcome, m.detail
 
 
 def parse_dump(text: str, source: str) -> RawFacts:
@@ -221,6 +236,8 @@ def parse_dump(text: str, source: str) -> RawFacts:
                 facts.flags = args
             elif key == "model_name":
                 facts.model_name = " ".join(args)
+            elif key == "sigreturn" and args and args[0] in sigreturn_probe.OUTCOMES:
+                facts.sigreturn, facts.sigreturn_detail = args[0], " ".join(args[1:])
             else:
                 raise ValueError(f"unknown line {key!r}")
         except ValueError as exc:
@@ -248,4 +265,6 @@ def format_dump(facts: RawFacts) -> str:
         lines.append(f"model_name {facts.model_name}")
     if facts.flags:
         lines.append("flags " + " ".join(facts.flags))
+    if facts.sigreturn:
+        lines.append(f"sigreturn {facts.sigreturn} {facts.sigreturn_detail}".rstrip())
     return "\n".join(lines) + "\n"
