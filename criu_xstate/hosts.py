@@ -198,7 +198,9 @@ def profile_from_dict(data: object, source: str) -> HostProfile:
             else None,
             sigreturn=str(sigreturn),
             sigreturn_source=str(sigreturn_source),
-            sigreturn_reason=str(sigreturn_reason) if sigreturn_reason is not None else None,
+            sigreturn_reason=_text(sigreturn_reason, "kernel.sigreturn_reason", source)
+            if sigreturn_reason is not None
+            else None,
         ),
         xsave=XsaveInfo(
             xcr0=_int(xs["xcr0"], "xsave.xcr0", source),
