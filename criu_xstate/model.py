@@ -6,6 +6,7 @@ writes. Frames are discovered lazily per thread (reading only that thread's stac
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -117,15 +118,18 @@ class _ProcessMemory:
 
     def __init__(self, space: AddressSpace, vmas: list[Vma]) -> None:
         self._space = space
-        self._vmas = vmas
+        self._vmas = sorted(vmas, key=lambda v: v.start)
+        self._starts = [v.start for v in self._vmas]
 
     def read(self, vaddr: int, size: int) -> bytes:
         return self._space.read(vaddr, size)
 
     def region_of(self, vaddr: int) -> tuple[int, int] | None:
-        for v in self._vmas:
-            if vaddr in v:
-                return v.start, v.end
+        """The VMA holding ``vaddr``: a bisection (it was a scan of every VMA, 74% of plan's time at
+        4000 threads)."""
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        if i >= 0 and vaddr in self._vmas[i]:
+            return self._vmas[i].start, self._vmas[i].end
         return None
 
 

@@ -11,6 +11,7 @@ already ``PE_PARENT`` or lazy keep their flags and resolve through the original'
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 from collections import defaultdict
@@ -29,6 +30,13 @@ def _entry(vaddr: int, pages: int, flags: int, modern: bool) -> pagemap_pb2.page
     if modern:
         e.nr_pages = pages
     return e
+
+
+def _grow(e: pagemap_pb2.pagemap_entry, modern: bool) -> None:
+    if modern:
+        e.nr_pages = int(e.nr_pages) + 1
+    else:
+        e.compat_nr_pages = int(e.compat_nr_pages) + 1
 
 
 def _runs(pm: Pagemap) -> list[tuple[int, int, int, int | None]]:
@@ -128,23 +136,31 @@ def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
                 dirty[original_size + i] = bytearray(app.data[i : i + PAGE].ljust(PAGE, b"\0"))
         entries: list[pagemap_pb2.pagemap_entry] = []
         blob = bytearray()
+        dirty_offsets = sorted(dirty)
         for vaddr, pages, flags, offset in _runs(pm):
             if offset is None:
                 entries.append(_entry(vaddr, pages, flags, modern))
                 continue
+            # Only the changed pages are visited: the clean stretches between them become one
+            # PE_PARENT entry each, however large the run (work grows with the change, not the memory).
+            lo = bisect.bisect_left(dirty_offsets, offset)
+            hi = bisect.bisect_left(dirty_offsets, offset + pages * PAGE)
             i = 0
-            while i < pages:
-                is_dirty = offset + i * PAGE in dirty
-                j = i
-                while j < pages and (offset + j * PAGE in dirty) == is_dirty:
-                    if is_dirty:
-                        blob += dirty[offset + j * PAGE]
-                    j += 1
-                if is_dirty:
-                    entries.append(_entry(vaddr + i * PAGE, j - i, PE_PRESENT | (flags & PE_LAZY), modern))
-                else:
+            present: pagemap_pb2.pagemap_entry | None = None  # the changed pages just before page i
+            for page_off in dirty_offsets[lo:hi]:
+                j = (page_off - offset) // PAGE
+                if j > i:
                     entries.append(_entry(vaddr + i * PAGE, j - i, PE_PARENT, modern))
-                i = j
+                    present = None
+                if present is not None:
+                    _grow(present, modern)
+                else:
+                    present = _entry(vaddr + j * PAGE, 1, PE_PRESENT | (flags & PE_LAZY), modern)
+                    entries.append(present)
+                blob += dirty[page_off]
+                i = j + 1
+            if i < pages:
+                entries.append(_entry(vaddr + i * PAGE, pages - i, PE_PARENT, modern))
         (out / pm_name).write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
         (out / pages_name).write_bytes(bytes(blob))
         written += len(blob)
