@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from criu_xstate.plan import FrameAction, HostFacts, plan_frame
 from criu_xstate.translate import frame_patches, normalized_image, pointer_patch
-from criu_xstate.x86.sigframe import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET, XSAVE_HEADER_OFFSET
 from criu_xstate.x86.xfeatures import AMD_OFFSETS, INIT_PKRU, INTEL_OFFSETS, PKRU
+from criu_xstate.x86.xsave import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET, XSAVE_HEADER_OFFSET
 from tests.test_plan_rules import ICX, SMALL, TCG_MAX_618_BUGGY, ZEN3, ZEN4, built_frame
 
 
