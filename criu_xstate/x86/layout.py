@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,24 @@ class Struct:
     def offset(self, name: str) -> int:
         return self.field(name).offset
 
+    @cached_property
+    def _packed(self) -> tuple[struct.Struct, tuple[str, ...]]:
+        """One compiled format for every named field in offset order, the gaps as pad bytes."""
+        fmt, pos, names = "<", 0, []
+        for f in sorted(self.fields, key=lambda f: f.offset):
+            if f.offset < pos:
+                raise ValueError(f"{self.name}: field {f.name} overlaps the one before it")
+            fmt += f"{f.offset - pos}x{f.fmt}"
+            pos = f.offset + struct.calcsize("<" + f.fmt)
+            names.append(f.name)
+        return struct.Struct(fmt), tuple(names)
+
     def parse(self, buf: bytes, at: int = 0) -> dict[str, int]:
         """The named fields of the struct at ``buf[at:]``."""
         if len(buf) - at < self.size:
             raise ValueError(f"{self.name}: {len(buf) - at} bytes, need {self.size}")
-        return {f.name: int(struct.unpack_from("<" + f.fmt, buf, at + f.offset)[0]) for f in self.fields}
+        packed, names = self._packed
+        return dict(zip(names, packed.unpack_from(buf, at), strict=True))
 
     def build(self, values: Mapping[str, int], base: bytes | None = None) -> bytes:
         out = bytearray(base if base is not None else bytes(self.size))
