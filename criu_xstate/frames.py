@@ -8,12 +8,17 @@ This module finds those frames and only those (research/kernel.md §1.3, §1.6):
   VMA (or of the sigaltstack) that holds it: its cost grows with stack bytes in use, never with the
   checkpoint's memory size;
 * a *candidate* is an address ``F`` with ``F % 16 == 8`` whose first 8 bytes equal the restorer of one
-  of the process's sigactions; every other check is run on it and the failures are reported;
+  of the process's sigactions; the checks of :data:`CHECKS_64` (:data:`CHECKS_IA32`) are run on it,
+  each a small function that records its evidence;
 * the innermost candidate above SP that passes every check is the innermost live frame; older frames
   of nested signals are found by following the interrupted SP (``uc_mcontext.sp``) outwards, on the
   same stack or across from the sigaltstack to the normal stack;
 * candidates below SP are stale (a handler that already returned) and candidates off the live chain
-  are reported with their evidence but never as live.
+  are reported with their evidence but never as live, up to :data:`MAX_RECORDED` per thread (the
+  rest are counted): each anchor is examined once from the stack bytes already read, so a stack full
+  of restorer addresses costs work linear in its bytes and bounded memory.
+
+Details and measurements: docs/frame-discovery.md.
 
 Everything here is pure: memory comes in through the :class:`Memory` protocol.
 """
