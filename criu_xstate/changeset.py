@@ -24,6 +24,7 @@ from criu_xstate.plan import FrameAction, HostFacts, Plan, ThreadState
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 from criu_xstate.translate import MemoryPatch, Relocation, frame_patches, pointer_patch
 from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, PKRU
+from criu_xstate.x86.xsave import align_up
 
 TASK_SIZE = 0x7FFFFFFFF000
 PROT_READ_WRITE = 0x3
@@ -95,7 +96,7 @@ def _relocate(proc: Process, relocs: list[Relocation]) -> tuple[list[Change], tu
     layout: list[tuple[Relocation, int]] = []
     offset = 0
     for r in relocs:
-        offset = (offset + 63) & ~63
+        offset = align_up(offset)  # an XSAVE image starts 64-byte aligned
         layout.append((r, offset))
         offset += len(r.image)
     size = (offset + PAGE - 1) // PAGE * PAGE

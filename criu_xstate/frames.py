@@ -8,49 +8,57 @@ This module finds those frames and only those (research/kernel.md §1.3, §1.6):
   VMA (or of the sigaltstack) that holds it: its cost grows with stack bytes in use, never with the
   checkpoint's memory size;
 * a *candidate* is an address ``F`` with ``F % 16 == 8`` whose first 8 bytes equal the restorer of one
-  of the process's sigactions; every other check is run on it and the failures are reported;
+  of the process's sigactions; the checks of :data:`CHECKS_64` (:data:`CHECKS_IA32`) are run on it,
+  each a small function that records its evidence;
 * the innermost candidate above SP that passes every check is the innermost live frame; older frames
   of nested signals are found by following the interrupted SP (``uc_mcontext.sp``) outwards, on the
   same stack or across from the sigaltstack to the normal stack;
 * candidates below SP are stale (a handler that already returned) and candidates off the live chain
-  are reported with their evidence but never as live.
+  are reported with their evidence but never as live, up to :data:`MAX_RECORDED` per thread (the
+  rest are counted): each anchor is examined once from the stack bytes already read, so a stack full
+  of restorer addresses costs work linear in its bytes and bounded memory.
+
+Details and measurements: docs/frame-discovery.md.
 
 Everything here is pure: memory comes in through the :class:`Memory` protocol.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Iterable, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from typing import Protocol
 
 from criu_xstate.errors import MemoryUnreadable
 from criu_xstate.x86.sigframe import (
-    FP_XSTATE_MAGIC1,
-    FP_XSTATE_MAGIC2,
     IA32_FSAVE_HEADER,
     IA32_KERNEL_FPSTATE_OFFSET,
     IA32_RT_KERNEL_FPSTATE_OFFSET,
-    MIN_XSTATE_SIZE,
-    MXCSR_OFFSET,
     RT_KERNEL_FPSTATE_OFFSET,
     RT_SIGFRAME_64,
     RT_SIGFRAME_IA32,
     SA_SIGINFO,
     SIGFRAME_IA32,
-    SW_BYTES,
-    SW_BYTES_OFFSET,
     UC_KNOWN_FLAGS,
     USER_CS_32,
     USER_CS_64,
-    XSAVE_HEADER_OFFSET,
+)
+from criu_xstate.x86.xsave import (
+    FP_XSTATE_MAGIC2,
+    MAGIC2_SIZE,
+    MIN_XSTATE_SIZE,
+    XSAVE_ALIGN,
+    SwBytes,
+    XsaveImage,
+    image_bytes,
+    magic2_at,
 )
 
 RT_SIGFRAME_SIZE = RT_SIGFRAME_64.size
 RT_SC_FPSTATE = RT_SIGFRAME_64.offset("fpstate")
-MAX_XSTATE_SIZE = 1 << 20  # hostile-input bound: no CPU has an XSAVE area near this
 SCAN_CHUNK = 1 << 16
 MAX_SCAN_BYTES = 64 << 20  # a stack deeper than this is refused as hostile
 # A real stack holds one restorer address per frame (live or stale); a stack with more candidates than
@@ -58,6 +66,10 @@ MAX_SCAN_BYTES = 64 << 20  # a stack deeper than this is refused as hostile
 # whose stack is full of restorer addresses took 220 s and 8.8 GB). It is reported as unreadable.
 MAX_CANDIDATES_PER_STACK = 4096
 STALE_WINDOW = 64 << 10  # how far below SP stale frames are looked for (reported, never rewritten)
+MAX_RECORDED = 32  # frames off the live chain kept per thread with their evidence; the rest are counted
+MAX_CHAIN = 64  # nested signal frames followed outwards from SP before the chain is called hostile
+IMAGE_READ_BUDGET = 64 << 20  # per thread: bytes of XSAVE images read from outside the stacks
+PROBE_CACHE = 1024  # sw-bytes probes remembered per thread (a hostile stack repeats one pointer)
 
 
 class Memory(Protocol):
@@ -110,20 +122,6 @@ class ThreadStacks:
 
 
 @dataclass(frozen=True)
-class SwBytes:
-    """``struct _fpx_sw_bytes`` at XSAVE image + 464."""
-
-    magic1: int
-    extended_size: int
-    xfeatures: int
-    xstate_size: int
-
-    @classmethod
-    def parse(cls, image: bytes) -> SwBytes:
-        return cls(**SW_BYTES.parse(image[SW_BYTES_OFFSET : SW_BYTES_OFFSET + SW_BYTES.size]))
-
-
-@dataclass(frozen=True)
 class Check:
     name: str
     ok: bool
@@ -170,26 +168,20 @@ class SignalFrame:
     def end(self) -> int:
         """First byte above the frame and its XSAVE image (magic2 included)."""
         if self.xsave_address is not None and self.sw is not None:
-            return max(self.address + self.size, self.xsave_address + self.sw.xstate_size + 4)
+            return max(self.address + self.size, self.xsave_address + image_bytes(self.sw.xstate_size))
         return self.address + self.size
 
     @property
     def xstate_bv(self) -> int | None:
-        if len(self.image) < XSAVE_HEADER_OFFSET + 8:
-            return None
-        return int(struct.unpack_from("<Q", self.image, XSAVE_HEADER_OFFSET)[0])
+        return XsaveImage(self.image).xstate_bv
 
     @property
     def xcomp_bv(self) -> int | None:
-        if len(self.image) < XSAVE_HEADER_OFFSET + 16:
-            return None
-        return int(struct.unpack_from("<Q", self.image, XSAVE_HEADER_OFFSET + 8)[0])
+        return XsaveImage(self.image).xcomp_bv
 
     @property
     def mxcsr(self) -> int | None:
-        if len(self.image) < MXCSR_OFFSET + 4:
-            return None
-        return int(struct.unpack_from("<I", self.image, MXCSR_OFFSET)[0])
+        return XsaveImage(self.image).mxcsr
 
 
 @dataclass(frozen=True)
@@ -204,8 +196,10 @@ class UnreadableStack:
 @dataclass(frozen=True)
 class ThreadFrames:
     tid: int
-    frames: tuple[SignalFrame, ...]  # every anchored candidate, live ones first (innermost first)
+    frames: tuple[SignalFrame, ...]  # live ones first (innermost first), then others by address
     unreadable: tuple[UnreadableStack, ...] = ()
+    examined: int = 0  # anchored candidates examined
+    omitted: int = 0  # candidates off the live chain beyond MAX_RECORDED: counted, not listed
 
     @property
     def live(self) -> list[SignalFrame]:
@@ -213,18 +207,6 @@ class ThreadFrames:
 
 
 # ------------------------------------------------------------------------------------------------------
-
-
-def _u64(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<Q", buf, off)[0])
-
-
-def _u32(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<I", buf, off)[0])
-
-
-def _u16(buf: bytes, off: int) -> int:
-    return int(struct.unpack_from("<H", buf, off)[0])
 
 
 @dataclass(frozen=True)
@@ -251,18 +233,6 @@ def _stacks_of(thread: ThreadStacks, memory: Memory) -> list[_Stack]:
     return stacks
 
 
-def _stack_for(addr: int, thread: ThreadStacks, memory: Memory, stacks: list[_Stack]) -> _Stack | None:
-    for s in stacks:
-        if addr in s:
-            return s
-    region = memory.region_of(addr)
-    if region is None:
-        return None
-    s = _Stack(StackKind.STACK, region[0], region[1])
-    stacks.append(s)
-    return s
-
-
 class _Scanner:
     """Reads one stack once (in bounded chunks) and finds restorer anchors in it."""
 
@@ -272,18 +242,21 @@ class _Scanner:
         self.low = max(low, stack.start) & ~0xF
         if stack.end - self.low > MAX_SCAN_BYTES:
             self.low = stack.end - MAX_SCAN_BYTES
-        self._buf: bytes | None = None
+        self.buf: bytes | None = None
 
     def bytes(self) -> bytes:
-        if self._buf is None:
+        if self.buf is None:
             parts = []
             pos = self.low
             while pos < self.stack.end:
                 n = min(SCAN_CHUNK, self.stack.end - pos)
                 parts.append(self.memory.read(pos, n))
                 pos += n
-            self._buf = b"".join(parts)
-        return self._buf
+            self.buf = b"".join(parts)
+        return self.buf
+
+    def holds(self, vaddr: int, size: int) -> bool:
+        return self.buf is not None and self.low <= vaddr and vaddr + size <= self.stack.end
 
     def anchors(self, restorers: Iterable[int], width: int, align_mod: int) -> list[int]:
         buf = self.bytes()
@@ -299,27 +272,283 @@ class _Scanner:
         return sorted(found)
 
 
-def _read_image(memory: Memory, fpstate: int) -> tuple[SwBytes, bytes] | str:
-    """The XSAVE image at ``fpstate`` (through magic2), or the name of the failed check."""
+class _Reader:
+    """Memory as examination sees it: stack bytes already scanned come from the scan buffers (each stack
+    is read once); sw-bytes probes are remembered; whole images from outside the stacks count against
+    :data:`IMAGE_READ_BUDGET`. This is what keeps a stack full of anchors linear in its bytes."""
+
+    def __init__(self, memory: Memory) -> None:
+        self.memory = memory
+        self.scanners: list[_Scanner] = []
+        self.probes: dict[int, SwBytes | str] = {}
+        self.budget = IMAGE_READ_BUDGET
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        for s in self.scanners:
+            if s.holds(vaddr, size):
+                assert s.buf is not None
+                return s.buf[vaddr - s.low : vaddr - s.low + size]
+        return self.memory.read(vaddr, size)
+
+    def region_of(self, vaddr: int) -> tuple[int, int] | None:
+        return self.memory.region_of(vaddr)
+
+    def probe(self, xsave: int) -> SwBytes | str:
+        """The image's sw bytes if magic1, sizes, magic2 and readability hold, else the failed check."""
+        if xsave not in self.probes:
+            if len(self.probes) >= PROBE_CACHE:
+                self.probes.clear()
+            self.probes[xsave] = self._probe(xsave)
+        return self.probes[xsave]
+
+    def _probe(self, xsave: int) -> SwBytes | str:
+        try:
+            sw = SwBytes.parse(self.read(xsave, MIN_XSTATE_SIZE))
+        except MemoryUnreadable as exc:
+            return f"fpstate unreadable: {exc.reason}"
+        problem = sw.problem()
+        if problem is not None:
+            return problem
+        try:
+            self._check_readable(xsave, image_bytes(sw.xstate_size))
+            word = self.read(xsave + sw.xstate_size, MAGIC2_SIZE)
+        except MemoryUnreadable as exc:
+            return f"XSAVE image unreadable: {exc.reason}"
+        magic2 = magic2_at(word, 0)
+        if magic2 != FP_XSTATE_MAGIC2:
+            return f"magic2 at fpstate+{sw.xstate_size} is 0x{magic2:08x}, not 0x{FP_XSTATE_MAGIC2:08x}"
+        return sw
+
+    def _check_readable(self, vaddr: int, size: int) -> None:
+        if any(s.holds(vaddr, size) for s in self.scanners):
+            return
+        if size > self.budget:
+            raise MemoryUnreadable("", vaddr, size, "per-thread image read budget spent (hostile stack)")
+        self.budget -= size
+        self.memory.read(vaddr, size)
+
+
+# --- one candidate and the checks on it -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A frame's fields as read at ``address``; the XSAVE image its fpstate names is probed on first use
+    (a candidate whose header already fails costs no image read)."""
+
+    abi: Abi
+    address: int
+    fields: Mapping[str, int]
+    restorers: frozenset[int]
+    reader: _Reader
+
+    @property
+    def fpstate(self) -> int:
+        return self.fields["fpstate"]
+
+    @property
+    def xsave(self) -> int | None:
+        """Where the FXSAVE/XSAVE image starts (None: fpstate NULL, no FPU context)."""
+        if not self.fpstate:
+            return None
+        return self.fpstate if self.abi is Abi.X86_64 else self.fpstate + IA32_FSAVE_HEADER
+
+    @cached_property
+    def probe(self) -> SwBytes | str | None:
+        """The image's sw bytes, or why it fails; None when there is no aligned image to probe."""
+        xsave = self.xsave
+        return None if xsave is None or xsave % XSAVE_ALIGN else self.reader.probe(xsave)
+
+    @property
+    def sw(self) -> SwBytes | None:
+        return self.probe if isinstance(self.probe, SwBytes) else None
+
+    def same_region(self, addr: int) -> bool:
+        """Is ``addr`` on the mapping that holds the frame?"""
+        region = self.reader.region_of(self.address)
+        return region is not None and region[0] <= addr < region[1]
+
+
+CheckFn = Callable[[_Candidate], "tuple[bool, str] | None"]  # None: the check does not apply
+
+
+def _alignment_64(c: _Candidate) -> tuple[bool, str]:
+    return c.address % 16 == 8, f"frame 0x{c.address:x} % 16 == {c.address % 16}"
+
+
+def _alignment_ia32(c: _Candidate) -> tuple[bool, str]:
+    return (c.address + 4) % 16 == 0, f"(frame+4) % 16 == {(c.address + 4) % 16}"
+
+
+def _pretcode(c: _Candidate) -> tuple[bool, str]:
+    return c.fields["pretcode"] in c.restorers, f"pretcode 0x{c.fields['pretcode']:x}"
+
+
+def _uc_flags(c: _Candidate) -> tuple[bool, str]:
+    flags, link = c.fields["uc_flags"], c.fields["uc_link"]
+    return flags & ~UC_KNOWN_FLAGS == 0 and link == 0, f"uc_flags 0x{flags:x}, uc_link 0x{link:x}"
+
+
+def _cs_64(c: _Candidate) -> tuple[bool, str]:
+    return c.fields["cs"] in (USER_CS_64, USER_CS_32), f"cs 0x{c.fields['cs']:x}"
+
+
+def _cs_ia32(c: _Candidate) -> tuple[bool, str]:
+    cs = c.fields["cs"] & 0xFFFF
+    return cs == USER_CS_32, f"cs 0x{cs:x}"
+
+
+def _sigmask(c: _Candidate) -> tuple[bool, str]:
+    old, mask = c.fields["oldmask"], c.fields["sigmask"]
+    return old == mask & 0xFFFFFFFFFFFFFFFF, f"oldmask 0x{old:x}, uc_sigmask 0x{mask:x}"
+
+
+def _fpstate_64(c: _Candidate) -> tuple[bool, str]:
+    if c.fpstate == 0:
+        return True, "no FPU context (fpstate NULL): nothing to translate"
+    if c.fpstate % XSAVE_ALIGN:
+        return False, f"fpstate 0x{c.fpstate:x} is not 64-byte aligned"
+    if c.sw is None:
+        return False, str(c.probe)
+    return True, f"fpstate 0x{c.fpstate:x}: magic1, xstate_size {c.sw.xstate_size}, magic2 ok"
+
+
+def _fpstate_ia32(c: _Candidate) -> tuple[bool, str] | None:
+    if c.xsave is None:
+        return None  # no FPU context: nothing to check
+    if c.xsave % XSAVE_ALIGN:
+        return False, f"XSAVE image 0x{c.xsave:x} is not 64-byte aligned"
+    if c.sw is None:
+        return False, str(c.probe)
+    return True, f"fpstate 0x{c.fpstate:x}, xstate_size {c.sw.xstate_size}"
+
+
+def _interrupted_sp(c: _Candidate) -> tuple[bool, str]:
+    """The interrupted SP lies above the frame and its image when it is on the same stack (kernel.md
+    §1.3); from an altstack it points to the other stack, and a relocated image may be anywhere."""
+    isp, end = c.fields["sp"], c.address + RT_SIGFRAME_SIZE
+    if c.fpstate and c.address < c.fpstate < isp:
+        end = max(end, c.fpstate + image_bytes(c.sw.xstate_size if c.sw else 0))
+    if c.same_region(isp):
+        return isp >= end, f"interrupted sp 0x{isp:x} vs frame end 0x{end:x}"
+    return isp != 0, f"interrupted sp 0x{isp:x} vs frame end 0x{end:x} (other stack)"
+
+
+# The checks every candidate goes through, in order; each records a Check with its detail.
+CHECKS_64: tuple[tuple[str, CheckFn], ...] = (
+    ("alignment", _alignment_64),
+    ("pretcode", _pretcode),
+    ("uc_flags", _uc_flags),
+    ("cs", _cs_64),
+    ("sigmask", _sigmask),
+    ("fpstate", _fpstate_64),
+    ("interrupted_sp", _interrupted_sp),
+)
+CHECKS_IA32: tuple[tuple[str, CheckFn], ...] = (
+    ("alignment", _alignment_ia32),
+    ("pretcode", _pretcode),
+    ("cs", _cs_ia32),
+    ("fpstate", _fpstate_ia32),
+)
+
+
+def _table(c: _Candidate) -> tuple[tuple[str, CheckFn], ...]:
+    return CHECKS_64 if c.abi is Abi.X86_64 else CHECKS_IA32
+
+
+def _run_checks(c: _Candidate) -> tuple[Check, ...]:
+    """Every check of the candidate's ABI, each with its evidence."""
+    return tuple(Check(name, *got) for name, check in _table(c) if (got := check(c)) is not None)
+
+
+def _passes(c: _Candidate) -> bool:
+    """Whether every check holds, stopping at the first that fails (no evidence kept)."""
+    return all(got is None or got[0] for got in (check(c) for _, check in _table(c)))
+
+
+# --- examining a candidate ---------------------------------------------------------------------------
+
+_LAYOUTS = {Abi.X86_64: RT_SIGFRAME_64, Abi.IA32_RT: RT_SIGFRAME_IA32, Abi.IA32: SIGFRAME_IA32}
+_KERNEL_FPSTATE = {
+    Abi.X86_64: RT_KERNEL_FPSTATE_OFFSET,
+    Abi.IA32_RT: IA32_RT_KERNEL_FPSTATE_OFFSET,
+    Abi.IA32: IA32_KERNEL_FPSTATE_OFFSET,
+}
+
+
+def _restorers(sigactions: Sequence[Sigaction], abi: Abi) -> frozenset[int]:
+    width = 0xFFFFFFFFFFFFFFFF if abi is Abi.X86_64 else 0xFFFFFFFF
+    return frozenset(sa.restorer & width for sa in sigactions if sa.restorer)
+
+
+def _candidate(reader: _Reader, abi: Abi, address: int, restorers: frozenset[int]) -> _Candidate:
+    fields = _LAYOUTS[abi].parse(reader.read(address, _LAYOUTS[abi].size))
+    return _Candidate(abi, address, fields, restorers, reader)
+
+
+def _frame_of(
+    c: _Candidate, checks: tuple[Check, ...], stack: StackKind, tid: int, sigactions: Sequence[Sigaction]
+) -> SignalFrame:
+    f = c.fields
+    if c.abi is Abi.X86_64:
+        signo = _signo_for(f["si_signo"], f["pretcode"], sigactions)
+        uc_flags, sigmask = f["uc_flags"], f["sigmask"]
+    else:
+        signo, uc_flags, sigmask = f["sig"] or None, 0, 0
+    return SignalFrame(
+        tid=tid,
+        abi=c.abi,
+        address=c.address,
+        stack=stack,
+        liveness=Liveness.INVALID,
+        depth=None,
+        checks=checks,
+        signo=signo,
+        uc_flags=uc_flags,
+        sigmask=sigmask,
+        interrupted_ip=f["ip"],
+        interrupted_sp=f["sp"],
+        fpstate=c.fpstate or None,
+        xsave_address=c.xsave,
+        kernel_layout=c.fpstate == c.address + _KERNEL_FPSTATE[c.abi],
+        sw=c.sw,
+    )
+
+
+def _with_image(frame: SignalFrame, reader: _Reader) -> SignalFrame:
+    """The frame with its XSAVE image (through magic2) read, for frames that are reported."""
+    if frame.sw is None or frame.xsave_address is None:
+        return frame
+    return replace(frame, image=reader.read(frame.xsave_address, image_bytes(frame.sw.xstate_size)))
+
+
+def _examine(
+    reader: _Reader, abi: Abi, address: int, stack: StackKind, sigactions: Sequence[Sigaction], tid: int
+) -> SignalFrame:
+    """Every check on a candidate, without reading its whole image (see :func:`_with_image`)."""
     try:
-        legacy = memory.read(fpstate, XSAVE_HEADER_OFFSET + 64)
+        c = _candidate(reader, abi, address, _restorers(sigactions, abi))
     except MemoryUnreadable as exc:
-        return f"fpstate unreadable: {exc.reason}"
-    sw = SwBytes.parse(legacy)
-    if sw.magic1 != FP_XSTATE_MAGIC1:
-        return f"magic1 is 0x{sw.magic1:08x}, not 0x{FP_XSTATE_MAGIC1:08x}"
-    if not MIN_XSTATE_SIZE <= sw.xstate_size <= MAX_XSTATE_SIZE:
-        return f"xstate_size {sw.xstate_size} outside {MIN_XSTATE_SIZE}..{MAX_XSTATE_SIZE}"
-    if sw.xstate_size > sw.extended_size:
-        return f"xstate_size {sw.xstate_size} > extended_size {sw.extended_size}"
-    try:
-        image = memory.read(fpstate, sw.xstate_size + 4)
-    except MemoryUnreadable as exc:
-        return f"XSAVE image unreadable: {exc.reason}"
-    magic2 = _u32(image, sw.xstate_size)
-    if magic2 != FP_XSTATE_MAGIC2:
-        return f"magic2 at fpstate+{sw.xstate_size} is 0x{magic2:08x}, not 0x{FP_XSTATE_MAGIC2:08x}"
-    return sw, image
+        unreadable = Check("readable", False, f"frame bytes unreadable: {exc.reason}")
+        return SignalFrame(tid, abi, address, stack, Liveness.INVALID, None, (unreadable,))
+    return _frame_of(c, _run_checks(c), stack, tid, sigactions)
+
+
+def examine_frame_64(
+    memory: Memory, address: int, stack: StackKind, sigactions: Sequence[Sigaction], tid: int
+) -> SignalFrame:
+    """Run every check on a 64-bit candidate frame at ``address``; liveness is decided by the caller."""
+    reader = _Reader(memory)
+    return _with_image(_examine(reader, Abi.X86_64, address, stack, sigactions, tid), reader)
+
+
+def examine_frame_ia32(
+    memory: Memory, address: int, stack: StackKind, sigactions: Sequence[Sigaction], tid: int, rt: bool
+) -> SignalFrame:
+    """Run the checks on an ia32 candidate (``rt_sigframe_ia32`` or ``sigframe_ia32``)."""
+    reader = _Reader(memory)
+    abi = Abi.IA32_RT if rt else Abi.IA32
+    return _with_image(_examine(reader, abi, address, stack, sigactions, tid), reader)
 
 
 def _signo_for(info_signo: int | None, pretcode: int, sigactions: Sequence[Sigaction]) -> int | None:
@@ -341,254 +570,165 @@ def _signo_from_masks(frame: SignalFrame, mask_during: int, sigactions: Sequence
     return owners[0] if len(owners) == 1 else None
 
 
-def examine_frame_64(
-    memory: Memory, address: int, stack: StackKind, sigactions: Sequence[Sigaction], tid: int
-) -> SignalFrame:
-    """Run every check on a 64-bit candidate frame at ``address``; liveness is decided by the caller."""
-    checks: list[Check] = []
-    restorers = {sa.restorer for sa in sigactions if sa.restorer}
-    fields = RT_SIGFRAME_64.parse(memory.read(address, RT_SIGFRAME_64.size))
-    pretcode = fields["pretcode"]
-    uc_flags = fields["uc_flags"]
-    uc_link = fields["uc_link"]
-    isp = fields["sp"]
-    iip = fields["ip"]
-    cs = fields["cs"]
-    fpstate = fields["fpstate"]
-    sigmask = fields["sigmask"]
-    oldmask = fields["oldmask"]
-    info_signo = fields["si_signo"]
-
-    checks.append(Check("alignment", address % 16 == 8, f"frame 0x{address:x} % 16 == {address % 16}"))
-    checks.append(Check("pretcode", pretcode in restorers, f"pretcode 0x{pretcode:x}"))
-    checks.append(
-        Check(
-            "uc_flags",
-            uc_flags & ~UC_KNOWN_FLAGS == 0 and uc_link == 0,
-            f"uc_flags 0x{uc_flags:x}, uc_link 0x{uc_link:x}",
-        )
-    )
-    checks.append(Check("cs", cs in (USER_CS_64, USER_CS_32), f"cs 0x{cs:x}"))
-    checks.append(
-        Check(
-            "sigmask",
-            oldmask == sigmask & 0xFFFFFFFFFFFFFFFF,
-            f"oldmask 0x{oldmask:x}, uc_sigmask 0x{sigmask:x}",
-        )
-    )
-
-    sw: SwBytes | None = None
-    image = b""
-    if fpstate == 0:
-        checks.append(Check("fpstate", True, "no FPU context (fpstate NULL): nothing to translate"))
-    elif fpstate % 64:
-        checks.append(Check("fpstate", False, f"fpstate 0x{fpstate:x} is not 64-byte aligned"))
-    else:
-        got = _read_image(memory, fpstate)
-        if isinstance(got, str):
-            checks.append(Check("fpstate", False, got))
-        else:
-            sw, image = got
-            checks.append(
-                Check(
-                    "fpstate", True, f"fpstate 0x{fpstate:x}: magic1, xstate_size {sw.xstate_size}, magic2 ok"
-                )
-            )
-    # The interrupted SP lies above the frame and its image when it is on the same stack (kernel.md
-    # §1.3); from an altstack it points to the other stack, and a relocated image may be anywhere.
-    frame_end = address + RT_SIGFRAME_SIZE
-    if fpstate and address < fpstate < isp:
-        frame_end = max(frame_end, fpstate + (sw.xstate_size if sw else 0) + 4)
-    region = memory.region_of(address)
-    same_stack = region is not None and region[0] <= isp < region[1]
-    checks.append(
-        Check(
-            "interrupted_sp",
-            isp >= frame_end if same_stack else isp != 0,
-            f"interrupted sp 0x{isp:x} vs frame end 0x{frame_end:x}"
-            + ("" if same_stack else " (other stack)"),
-        )
-    )
-    return SignalFrame(
-        tid=tid,
-        abi=Abi.X86_64,
-        address=address,
-        stack=stack,
-        liveness=Liveness.INVALID,
-        depth=None,
-        checks=tuple(checks),
-        signo=_signo_for(info_signo, pretcode, sigactions),
-        uc_flags=uc_flags,
-        sigmask=sigmask,
-        interrupted_ip=iip,
-        interrupted_sp=isp,
-        fpstate=fpstate or None,
-        xsave_address=fpstate or None,
-        kernel_layout=fpstate == address + RT_KERNEL_FPSTATE_OFFSET,
-        sw=sw,
-        image=image,
-    )
+# --- the thread: surveys of its stacks, the live chain, the report ----------------------------------------
 
 
-def examine_frame_ia32(
-    memory: Memory, address: int, stack: StackKind, sigactions: Sequence[Sigaction], tid: int, rt: bool
-) -> SignalFrame:
-    """Run the checks on an ia32 candidate (``rt_sigframe_ia32`` or ``sigframe_ia32``)."""
-    layout = RT_SIGFRAME_IA32 if rt else SIGFRAME_IA32
-    kernel_off = IA32_RT_KERNEL_FPSTATE_OFFSET if rt else IA32_KERNEL_FPSTATE_OFFSET
-    fields = layout.parse(memory.read(address, layout.size))
-    restorers = {sa.restorer & 0xFFFFFFFF for sa in sigactions if sa.restorer}
-    pretcode = fields["pretcode"]
-    fpstate = fields["fpstate"]
-    isp = fields["sp"]
-    iip = fields["ip"]
-    cs = fields["cs"] & 0xFFFF
-    checks = [
-        Check("alignment", (address + 4) % 16 == 0, f"(frame+4) % 16 == {(address + 4) % 16}"),
-        Check("pretcode", pretcode in restorers, f"pretcode 0x{pretcode:x}"),
-        Check("cs", cs == USER_CS_32, f"cs 0x{cs:x}"),
-    ]
-    sw: SwBytes | None = None
-    image = b""
-    xsave = fpstate + IA32_FSAVE_HEADER if fpstate else None
-    if xsave is not None:
-        if xsave % 64:
-            checks.append(Check("fpstate", False, f"XSAVE image 0x{xsave:x} is not 64-byte aligned"))
-        else:
-            got = _read_image(memory, xsave)
-            if isinstance(got, str):
-                checks.append(Check("fpstate", False, got))
+@dataclass
+class _Survey:
+    """What examining one stack's anchors left: the addresses that pass every check (ascending), and the
+    rejected candidates, at most :data:`MAX_RECORDED` per thread of them with their evidence."""
+
+    stack: _Stack
+    valid: list[int] = field(default_factory=list)
+    rejected: list[SignalFrame] = field(default_factory=list)
+
+
+class _Thread:
+    """Frame discovery for one thread. Each stack is read once and each anchor examined once; what is
+    kept is the valid addresses and a bounded number of rejected frames."""
+
+    def __init__(self, thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigaction]) -> None:
+        self.thread = thread
+        self.memory = memory
+        self.sigactions = sigactions
+        self.restorers = sorted({sa.restorer for sa in sigactions if sa.restorer})
+        self.anchored = {abi: _restorers(sigactions, abi) for abi in Abi}
+        self.stacks = _stacks_of(thread, memory)
+        self.reader = _Reader(memory)
+        self.surveys: dict[_Stack, _Survey] = {}
+        self.unreadable: list[UnreadableStack] = []
+        self.examined = 0
+        self.rejected = 0
+
+    def stack_for(self, addr: int) -> _Stack | None:
+        for s in self.stacks:
+            if addr in s:
+                return s
+        region = self.memory.region_of(addr)
+        if region is None:
+            return None
+        s = _Stack(StackKind.STACK, region[0], region[1])
+        self.stacks.append(s)
+        return s
+
+    def anchors(self, stack: _Stack) -> list[int]:
+        """Restorer anchors on ``stack``, scanning from a little below SP (stale frames are reported)."""
+        low = self.thread.sp - STALE_WINDOW if self.thread.sp in stack else stack.start
+        scanner = _Scanner(self.memory, stack, low)
+        try:
+            if self.thread.compat:
+                found = scanner.anchors([r & 0xFFFFFFFF for r in self.restorers], 4, 12)
             else:
-                sw, image = got
-                checks.append(Check("fpstate", True, f"fpstate 0x{fpstate:x}, xstate_size {sw.xstate_size}"))
-    return SignalFrame(
-        tid=tid,
-        abi=Abi.IA32_RT if rt else Abi.IA32,
-        address=address,
-        stack=stack,
-        liveness=Liveness.INVALID,
-        depth=None,
-        checks=tuple(checks),
-        signo=fields["sig"] or None,
-        interrupted_ip=iip,
-        interrupted_sp=isp,
-        fpstate=fpstate or None,
-        xsave_address=xsave,
-        kernel_layout=fpstate == address + kernel_off,
-        sw=sw,
-        image=image,
-    )
+                found = scanner.anchors(self.restorers, 8, 8)
+        except MemoryUnreadable as exc:
+            self._unreadable(stack, exc)
+            return []
+        if len(found) > MAX_CANDIDATES_PER_STACK:
+            why = f"{len(found)} restorer-address candidates (limit {MAX_CANDIDATES_PER_STACK}): not a stack"
+            self._unreadable(stack, MemoryUnreadable(None, stack.start, stack.end - stack.start, why))
+            return []
+        self.reader.scanners.append(scanner)
+        return found
 
+    def _unreadable(self, stack: _Stack, exc: MemoryUnreadable) -> None:
+        if not any(u.stack is stack.kind for u in self.unreadable):
+            self.unreadable.append(UnreadableStack(self.thread.tid, stack.kind, exc))
 
-def _with(frame: SignalFrame, liveness: Liveness, depth: int | None) -> SignalFrame:
-    return replace(frame, liveness=liveness, depth=depth)
+    def abi_at(self, addr: int) -> Abi:
+        if not self.thread.compat:
+            return Abi.X86_64
+        head = RT_SIGFRAME_IA32.parse(self.reader.read(addr, RT_SIGFRAME_IA32.size))
+        return Abi.IA32_RT if head["fpstate"] == addr + IA32_RT_KERNEL_FPSTATE_OFFSET else Abi.IA32
+
+    def examine(self, addr: int, stack: _Stack) -> SignalFrame:
+        try:
+            abi = self.abi_at(addr)
+        except MemoryUnreadable:
+            abi = Abi.IA32_RT  # _examine reports the unreadable bytes
+        return _examine(self.reader, abi, addr, stack.kind, self.sigactions, self.thread.tid)
+
+    def passes(self, addr: int) -> bool:
+        try:
+            abi = self.abi_at(addr)
+            return _passes(_candidate(self.reader, abi, addr, self.anchored[abi]))
+        except MemoryUnreadable:
+            return False
+
+    def survey(self, stack: _Stack) -> _Survey:
+        if stack not in self.surveys:
+            got = _Survey(stack)
+            for addr in self.anchors(stack):
+                self.examined += 1
+                if self.passes(addr):
+                    got.valid.append(addr)
+                    continue
+                self.rejected += 1
+                if self.rejected <= MAX_RECORDED:
+                    got.rejected.append(self.examine(addr, stack))
+            self.surveys[stack] = got
+        return self.surveys[stack]
+
+    def live_chain(self) -> list[tuple[int, _Stack]]:
+        """The innermost valid frame at or above SP, then outwards via each frame's interrupted SP."""
+        chain: list[tuple[int, _Stack]] = []
+        cursor = self.thread.sp
+        while len(chain) <= MAX_CHAIN and (stack := self.stack_for(cursor)) is not None:
+            valid = self.survey(stack).valid
+            taken = {a for a, _ in chain}
+            i = bisect_left(valid, cursor)
+            nxt = next((a for a in valid[i:] if a not in taken), None)
+            if nxt is None:
+                break
+            chain.append((nxt, stack))
+            isp = self.examine(nxt, stack).interrupted_sp
+            # On one stack a chain goes outwards (up); across stacks (altstack -> the interrupted stack)
+            # the next frame may sit at any address. Anything else is hostile: stop.
+            if isp in stack and isp <= nxt:
+                break
+            cursor = isp
+        return chain
+
+    def liveness_off_chain(self, addr: int) -> Liveness:
+        sp_stack = self.stack_for(self.thread.sp)
+        if sp_stack is not None and addr in sp_stack and addr < self.thread.sp:
+            return Liveness.STALE
+        return Liveness.CANDIDATE
+
+    def live_frames(self, chain: list[tuple[int, _Stack]]) -> list[SignalFrame]:
+        out: list[SignalFrame] = []
+        mask_during = self.thread.blocked  # the mask while the innermost handler runs
+        for depth, (addr, stack) in enumerate(chain):
+            frame = replace(self.examine(addr, stack), liveness=Liveness.LIVE, depth=depth)
+            if frame.signo is None:
+                frame = replace(frame, signo=_signo_from_masks(frame, mask_during, self.sigactions))
+            out.append(_with_image(frame, self.reader))
+            mask_during = frame.sigmask
+        return out
+
+    def other_frames(self, chain: list[tuple[int, _Stack]]) -> tuple[list[SignalFrame], int]:
+        """Frames off the live chain by address, at most MAX_RECORDED, and how many more there were."""
+        on_chain = {a for a, _ in chain}
+        valid = [(a, s) for s in list(self.stacks) for a in self.survey(s).valid if a not in on_chain]
+        rejected = [f for sv in self.surveys.values() for f in sv.rejected]
+        picked: list[tuple[int, SignalFrame | _Stack]] = [*valid, *((f.address, f) for f in rejected)]
+        out: list[SignalFrame] = []
+        for addr, what in sorted(picked, key=lambda p: p[0])[:MAX_RECORDED]:
+            if isinstance(what, SignalFrame):
+                out.append(_with_image(what, self.reader))  # INVALID: which check failed is in failed
+            else:
+                frame = replace(self.examine(addr, what), liveness=self.liveness_off_chain(addr))
+                out.append(_with_image(frame, self.reader))
+        omitted = len(valid) + self.rejected - len(out)
+        return out, omitted
 
 
 def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigaction]) -> ThreadFrames:
-    """Every anchored frame candidate on the thread's stacks, with the live chain marked."""
-    restorers = sorted({sa.restorer for sa in sigactions if sa.restorer})
-    if not restorers:
+    """Every anchored frame candidate on the thread's stacks (those off the live chain up to
+    :data:`MAX_RECORDED`, the rest counted), with the live chain marked."""
+    t = _Thread(thread, memory, sigactions)
+    if not t.restorers:
         return ThreadFrames(thread.tid, ())
-    stacks = _stacks_of(thread, memory)
-    examined: dict[int, SignalFrame] = {}
-    unreadable: list[UnreadableStack] = []
-    scanners: dict[tuple[int, int], _Scanner] = {}
-
-    def candidates_on(stack: _Stack) -> list[int]:
-        """Anchors on ``stack``, examined; scanning starts at the lowest address it could hold a frame."""
-        key = (stack.start, stack.end)
-        if key not in scanners:
-            # Stale frames live below SP; they are reported, so scan from a little below SP too.
-            low = thread.sp - STALE_WINDOW if thread.sp in stack else stack.start
-            scanners[key] = _Scanner(memory, stack, low)
-        scanner = scanners[key]
-        try:
-            if thread.compat:
-                rt = scanner.anchors([r & 0xFFFFFFFF for r in restorers], 4, 12)
-            else:
-                rt = scanner.anchors(restorers, 8, 8)
-        except MemoryUnreadable as exc:
-            if not any(u.stack is stack.kind for u in unreadable):
-                unreadable.append(UnreadableStack(thread.tid, stack.kind, exc))
-            return []
-        if len(rt) > MAX_CANDIDATES_PER_STACK:
-            if not any(u.stack is stack.kind for u in unreadable):
-                why = f"{len(rt)} restorer-address candidates (limit {MAX_CANDIDATES_PER_STACK}): not a stack"
-                unreadable.append(
-                    UnreadableStack(
-                        thread.tid,
-                        stack.kind,
-                        MemoryUnreadable(None, stack.start, stack.end - stack.start, why),
-                    )
-                )
-            return []
-        for addr in rt:
-            if addr in examined:
-                continue
-            try:
-                if thread.compat:
-                    as_rt = RT_SIGFRAME_IA32.parse(memory.read(addr, RT_SIGFRAME_IA32.size))
-                    is_rt = as_rt["fpstate"] == addr + IA32_RT_KERNEL_FPSTATE_OFFSET
-                    examined[addr] = examine_frame_ia32(
-                        memory, addr, stack.kind, sigactions, thread.tid, is_rt
-                    )
-                else:
-                    examined[addr] = examine_frame_64(memory, addr, stack.kind, sigactions, thread.tid)
-            except MemoryUnreadable as exc:
-                examined[addr] = SignalFrame(
-                    tid=thread.tid,
-                    abi=Abi.IA32_RT if thread.compat else Abi.X86_64,
-                    address=addr,
-                    stack=stack.kind,
-                    liveness=Liveness.INVALID,
-                    depth=None,
-                    checks=(Check("readable", False, f"frame bytes unreadable: {exc.reason}"),),
-                )
-        return rt
-
-    # Walk the live chain: innermost valid frame at or above SP, then outwards via the interrupted SP.
-    live: list[int] = []
-    cursor = thread.sp
-    seen_stacks = 0
-    while True:
-        stack = _stack_for(cursor, thread, memory, stacks)
-        if stack is None:
-            break
-        anchors = candidates_on(stack)
-        nxt = next((a for a in anchors if a >= cursor and a not in live and not examined[a].failed), None)
-        if nxt is None:
-            break
-        live.append(nxt)
-        frame = examined[nxt]
-        # On one stack a chain goes outwards (up); across stacks (altstack -> the interrupted stack)
-        # the next frame may sit at any address. Anything else is hostile: stop.
-        if frame.interrupted_sp in stack and frame.interrupted_sp <= nxt:
-            break
-        cursor = frame.interrupted_sp
-        seen_stacks += 1
-        if seen_stacks > 64:
-            break
-    # Scan every stack the thread has for candidates off the chain (stale ones, suspended contexts).
-    for stack in list(stacks):
-        candidates_on(stack)
-
-    sp_stack = _stack_for(thread.sp, thread, memory, stacks)
-    out: list[SignalFrame] = []
-    mask_during = thread.blocked  # the mask while the innermost handler runs
-    for depth, addr in enumerate(live):
-        frame = _with(examined[addr], Liveness.LIVE, depth)
-        if frame.signo is None:
-            frame = replace(frame, signo=_signo_from_masks(frame, mask_during, sigactions))
-        out.append(frame)
-        mask_during = frame.sigmask
-    for addr in sorted(examined):
-        if addr in live:
-            continue
-        f = examined[addr]
-        if f.failed:
-            out.append(f)  # INVALID: which check failed is in f.failed
-        elif sp_stack is not None and addr in sp_stack and addr < thread.sp:
-            out.append(_with(f, Liveness.STALE, None))
-        else:
-            out.append(_with(f, Liveness.CANDIDATE, None))
-    return ThreadFrames(thread.tid, tuple(out), tuple(unreadable))
+    chain = t.live_chain()
+    others, omitted = t.other_frames(chain)  # every stack the thread has: stale frames, suspended contexts
+    frames = (*t.live_frames(chain), *others)
+    return ThreadFrames(thread.tid, frames, tuple(t.unreadable), t.examined, omitted)

@@ -17,13 +17,19 @@ it in new memory and the frame's ``fpstate`` pointer (frame + 232) is rewritten.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from criu_xstate.frames import RT_SC_FPSTATE
 from criu_xstate.plan import FrameAction, FrameDecision, HostFacts
-from criu_xstate.x86.sigframe import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET, XSAVE_HEADER_OFFSET
 from criu_xstate.x86.xfeatures import PKRU, bits, state_bytes
+from criu_xstate.x86.xsave import (
+    MIN_XSTATE_SIZE,
+    SW_BYTES_OFFSET,
+    XSAVE_ALIGN,
+    XsaveImage,
+    build_image,
+    image_bytes,
+)
 
 LEGACY_COPY = SW_BYTES_OFFSET  # bytes 0..463: FXSAVE state and its reserved tail; sw bytes are rebuilt
 
@@ -60,18 +66,31 @@ def normalized_image(decision: FrameDecision, dest: HostFacts) -> bytes:
     if frame.sw is None or decision.source_offsets is None:
         raise TranslateError(f"frame 0x{frame.address:x} has no XSAVE image to translate")
     target = decision.target_size
-    if target < 576:
-        raise TranslateError(f"target xstate_size {target} below 576")
+    if target < MIN_XSTATE_SIZE:
+        raise TranslateError(f"target xstate_size {target} below {MIN_XSTATE_SIZE}")
     keep = decision.keep_mask
     bv = (frame.xstate_bv or 0) & keep
-    out = bytearray(target + 4)
-    out[:LEGACY_COPY] = src[:LEGACY_COPY]
+    if decision.pkru is not None and keep >> PKRU & 1:
+        bv |= 1 << PKRU
     # At the destination's own size the frame says what a native one would (xfeatures = the host's
     # default features): bits beyond ``keep`` are absent from xstate_bv, so the kernel initializes
     # them, exactly as dropping them from xfeatures would, and the frame stays self-describing.
     xfeatures = dest.default_xfeatures if target == dest.user_size else keep
-    struct.pack_into("<IIQI", out, SW_BYTES_OFFSET, FP_XSTATE_MAGIC1, target + 4, xfeatures, target)
-    for n in bits(keep):
+    return build_image(
+        target,
+        xfeatures,
+        bv,
+        legacy=src[:LEGACY_COPY],
+        components=_components(decision, dest, bits(keep)),
+    )
+
+
+def _components(decision: FrameDecision, dest: HostFacts, kept: list[int]) -> list[tuple[int, bytes]]:
+    """(destination offset, bytes) of each kept component in use, and PKRU where the plan sets it."""
+    frame = decision.frame
+    target = decision.target_size
+    out: list[tuple[int, bytes]] = []
+    for n in kept:
         if n < 2:
             continue
         if n not in dest.offsets:
@@ -80,19 +99,17 @@ def normalized_image(decision: FrameDecision, dest: HostFacts) -> bytes:
         if d_off + d_size > target:
             raise TranslateError(f"component {n} at {d_off}+{d_size} does not fit {target} bytes")
         if n == PKRU and decision.pkru is not None:
-            struct.pack_into("<I", out, d_off, decision.pkru)
-            bv |= 1 << PKRU
+            out.append((d_off, decision.pkru.to_bytes(4, "little")))
             continue
         if not (frame.xstate_bv or 0) >> n & 1:
             continue  # kept in xfeatures, init in the frame: zeros, bit stays clear
+        assert decision.source_offsets is not None
         s_off, s_size = decision.source_offsets[n]
         if s_size != d_size:
             raise TranslateError(f"component {n} is {s_size} bytes in the frame, {d_size} on the destination")
         n_state = state_bytes(n, d_size)  # padding stays zero: never copy stack garbage
-        out[d_off : d_off + n_state] = src[s_off : s_off + n_state]
-    struct.pack_into("<QQ", out, XSAVE_HEADER_OFFSET, bv, 0)
-    struct.pack_into("<I", out, target, FP_XSTATE_MAGIC2)
-    return bytes(out)
+        out.append((d_off, XsaveImage(frame.image).component(s_off, n_state)))
+    return out
 
 
 def frame_patches(
@@ -110,7 +127,7 @@ def frame_patches(
     if frame.xsave_address is None or frame.sw is None:
         raise TranslateError(f"frame 0x{frame.address:x} has no XSAVE image")
     image = normalized_image(decision, dest)
-    old_len = frame.sw.xstate_size + 4
+    old_len = image_bytes(frame.sw.xstate_size)
     if decision.action is FrameAction.RELOCATE:
         return [], Relocation(
             pid, frame.tid, frame.address, frame.address + RT_SC_FPSTATE, frame.xsave_address, image
@@ -124,6 +141,6 @@ def frame_patches(
 
 def pointer_patch(reloc: Relocation, new_address: int) -> MemoryPatch:
     """Rewrite the frame's fpstate pointer to the relocated image."""
-    if new_address % 64:
+    if new_address % XSAVE_ALIGN:
         raise TranslateError(f"relocated image at 0x{new_address:x} is not 64-byte aligned")
-    return MemoryPatch(reloc.pid, reloc.pointer_at, struct.pack("<Q", new_address))
+    return MemoryPatch(reloc.pid, reloc.pointer_at, new_address.to_bytes(8, "little"))

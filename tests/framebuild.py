@@ -6,22 +6,18 @@ round_down(sp - 128 - (user_size + 4), 64), frame at image - 456.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 from criu_xstate.errors import MemoryUnreadable
 from criu_xstate.x86.sigframe import (
-    FP_XSTATE_MAGIC1,
-    FP_XSTATE_MAGIC2,
-    MXCSR_OFFSET,
     RED_ZONE,
     RT_KERNEL_FPSTATE_OFFSET,
     RT_SIGFRAME_64,
-    SW_BYTES,
-    SW_BYTES_OFFSET,
-    XSAVE_HEADER_OFFSET,
+    UC_KNOWN_FLAGS,
+    USER_CS_64,
 )
+from criu_xstate.x86.xsave import align_down, build_image, image_bytes
 
 RESTORER = 0x401000
 
@@ -62,19 +58,8 @@ class FakeMemory:
 def xsave_image(
     xstate_size: int, xfeatures: int, xstate_bv: int, mxcsr: int = 0x1F80, fill: int = 0
 ) -> bytes:
-    img = bytearray(bytes([fill]) * xstate_size + b"\0\0\0\0")
-    struct.pack_into("<I", img, MXCSR_OFFSET, mxcsr)
-    img[SW_BYTES_OFFSET : SW_BYTES_OFFSET + SW_BYTES.size] = SW_BYTES.build(
-        {
-            "magic1": FP_XSTATE_MAGIC1,
-            "extended_size": xstate_size + 4,
-            "xfeatures": xfeatures,
-            "xstate_size": xstate_size,
-        }
-    )
-    img[XSAVE_HEADER_OFFSET : XSAVE_HEADER_OFFSET + 64] = struct.pack("<Q", xstate_bv) + bytes(56)
-    struct.pack_into("<I", img, xstate_size, FP_XSTATE_MAGIC2)
-    return bytes(img)
+    """A kernel-written image; ``fill`` where XSAVE leaves the stack's bytes."""
+    return build_image(xstate_size, xfeatures, xstate_bv, mxcsr=mxcsr, fill=fill)
 
 
 def frame_bytes(
@@ -91,16 +76,16 @@ def frame_bytes(
     """A kernel-style 64-bit frame for a signal interrupting ``interrupted_sp``: (frame, fpstate, bytes
     from the frame to the end of its XSAVE image)."""
     top = on_altstack_top if on_altstack_top is not None else interrupted_sp - RED_ZONE
-    fpstate = (top - (xstate_size + 4)) & ~63
+    fpstate = align_down(top - image_bytes(xstate_size))
     frame = fpstate - RT_KERNEL_FPSTATE_OFFSET
     assert frame % 16 == 8
     raw = RT_SIGFRAME_64.build(
         {
             "pretcode": restorer,
-            "uc_flags": 0x7,
+            "uc_flags": UC_KNOWN_FLAGS,
             "sp": interrupted_sp,
             "ip": 0x401234,
-            "cs": 0x33,
+            "cs": USER_CS_64,
             "oldmask": sigmask,
             "fpstate": fpstate,
             "sigmask": sigmask,

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -186,6 +187,24 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
     except (OSError, IndexError):
         return True
+
+
+def truth_levels(workdir: Path) -> set[tuple[int, int]]:
+    """(tid, depth) of every handler level the workload recorded (truth-<tid>-<depth>.json)."""
+    return {(int(p.stem.split("-")[1]), int(p.stem.split("-")[2])) for p in workdir.glob("truth-*.json")}
+
+
+def lost_upper_halves(lines: list[str], levels: set[tuple[int, int]]) -> bool:
+    """The process ran to the end and each of ``levels`` reported exactly its YMM upper halves lost: the
+    kernel restored the frame FX-only. A crash (a DIED line), a missing level or any other damage is not
+    that, so a control built on this proves the failure it claims."""
+    got: set[tuple[int, int]] = set()
+    for line in lines:
+        m = re.fullmatch(r"(\d+) (\d+) CORRUPT ymm\d+:hi(?:,ymm\d+:hi)*", line)
+        if m is None:
+            return False
+        got.add((int(m[1]), int(m[2])))
+    return bool(got) and got == levels and len(lines) == len(levels)
 
 
 def results_ok(lines: list[str]) -> bool:

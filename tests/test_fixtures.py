@@ -139,10 +139,31 @@ def test_plan_against_other_hosts(
     assert codes <= found
 
 
+# The siginfo fixture (AVX-512 and PKRU in use, dumped on this-machine-zen4-epyc-vm) against every
+# shipped profile: each verdict tied to its host.
+SIGINFO_VERDICTS = {
+    "amd-zen2": "refuse",
+    "amd-zen3": "refuse",
+    "amd-zen4": "translate",
+    "amd-zen5": "translate",
+    "intel-apx-diamond-rapids": "translate",
+    "intel-granite-rapids": "translate",
+    "intel-icelake-sp": "translate",
+    "intel-sapphire-rapids": "translate",
+    "intel-skylake-sp": "translate",
+    "qemu-tcg-max": "refuse",
+    "this-machine-zen4-epyc-vm": "compatible",
+}
+
+
 def test_plan_many_destinations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert sorted(SIGINFO_VERDICTS) == sorted(p.stem for p in HOSTS.glob("*.yaml"))
+    assert main(["plan", str(FIXTURES / "siginfo"), "--dest", str(HOSTS), "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    assert {p["dest"]["name"]: p["verdict"] for p in plans} == SIGINFO_VERDICTS
     assert main(["plan", str(FIXTURES / "siginfo"), "--dest", str(HOSTS)]) == 0
-    out = capsys.readouterr().out
-    assert "amd-zen2" in out and "refuse" in out and "compatible" in out
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert dict((name, verdict) for name, verdict in rows) == SIGINFO_VERDICTS
 
 
 def test_apply_out_then_plan_is_compatible(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

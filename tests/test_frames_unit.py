@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from criu_xstate.frames import Liveness, Sigaction, StackKind, ThreadStacks, find_frames
-from criu_xstate.x86.sigframe import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SA_ONSTACK, SA_RESTORER, SA_SIGINFO
+from criu_xstate.x86.sigframe import SA_ONSTACK, SA_RESTORER, SA_SIGINFO
+from criu_xstate.x86.xsave import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2
 from tests.framebuild import RESTORER, FakeMemory, place_frame
 
 STACK_LO = 0x7FFF_0000_0000
@@ -158,8 +159,9 @@ def test_ia32_rt_frame_is_detected_and_modelled() -> None:
 def test_ia32_frame_is_kept_as_is_or_refused() -> None:
     from dataclasses import replace
 
-    from criu_xstate.frames import Abi, Check, SignalFrame, SwBytes
+    from criu_xstate.frames import Abi, Check, SignalFrame
     from criu_xstate.plan import FrameAction, HostFacts, plan_frame
+    from criu_xstate.x86.xsave import SwBytes
     from tests.framebuild import xsave_image
 
     img = xsave_image(832, 0x7, 0x7)

@@ -16,7 +16,16 @@ import pytest
 from criu_xstate.cli import main
 from criu_xstate.images import open_checkpoint
 from criu_xstate.model import load_model
-from tests.realcriu import REPO, Unsupported, Workload, criu_path, results_ok, skip_reason
+from tests.realcriu import (
+    REPO,
+    Unsupported,
+    Workload,
+    criu_path,
+    lost_upper_halves,
+    results_ok,
+    skip_reason,
+    truth_levels,
+)
 
 pytestmark = [pytest.mark.criu, pytest.mark.slow]
 
@@ -84,8 +93,8 @@ def test_foreign_layout_frame_is_lost_without_apply_and_intact_with_it(here: str
         assert main(["apply", str(d0), "--dest", ICX, "--out", str(d1)]) == 0
         wl.restore(d1)  # Ice Lake layout on this host: xstate_size 2696 > user size -> FX-only
         wl.release()
-        lost = wl.result()
-        assert lost and all("CORRUPT" in line and "hi" in line for line in lost), lost
+        lost = wl.result()  # the control: the process ran, and reported the upper halves lost, not died
+        assert lost_upper_halves(lost, truth_levels(wl.workdir)), lost
         assert main(["plan", str(d1), "--dest", here]) == 0
         assert main(["apply", str(d1), "--dest", here, "--out", str(d2)]) == 0
         wl.restore(d2)
@@ -314,7 +323,7 @@ def test_incremental_dump_frames_are_read_through_the_parent(here: str, tmp_path
         wl.restore(out)  # a chain of three: icx -> dump -> pre
         wl.release()
         lost = wl.result()
-        assert lost and all("CORRUPT" in line for line in lost), lost
+        assert lost_upper_halves(lost, truth_levels(wl.workdir)), lost
     finally:
         wl.kill()
 

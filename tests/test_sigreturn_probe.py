@@ -20,7 +20,7 @@ from criu_xstate import hosts
 from criu_xstate.cli import main
 from criu_xstate.x86 import sigreturn_probe as sp
 from criu_xstate.x86.cpuid import RawFacts, format_dump, parse_dump, probe_raw
-from criu_xstate.x86.sigframe import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES, SW_BYTES_OFFSET
+from criu_xstate.x86.xsave import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES, SW_BYTES_OFFSET
 
 REPO = Path(__file__).parents[1]
 HOSTS = REPO / "contrib" / "hosts"

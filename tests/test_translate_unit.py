@@ -10,8 +10,16 @@ from hypothesis import strategies as st
 
 from criu_xstate.plan import FrameAction, HostFacts, plan_frame
 from criu_xstate.translate import frame_patches, normalized_image, pointer_patch
-from criu_xstate.x86.sigframe import FP_XSTATE_MAGIC1, FP_XSTATE_MAGIC2, SW_BYTES_OFFSET, XSAVE_HEADER_OFFSET
 from criu_xstate.x86.xfeatures import AMD_OFFSETS, INIT_PKRU, INTEL_OFFSETS, PKRU
+from criu_xstate.x86.xsave import (
+    FP_XSTATE_MAGIC1,
+    FP_XSTATE_MAGIC2,
+    MAGIC2_SIZE,
+    MIN_XSTATE_SIZE,
+    MXCSR_OFFSET,
+    SW_BYTES_OFFSET,
+    XSAVE_HEADER_OFFSET,
+)
 from tests.test_plan_rules import ICX, SMALL, TCG_MAX_618_BUGGY, ZEN3, ZEN4, built_frame
 
 
@@ -24,14 +32,14 @@ def kernel_sigreturn(image: bytes, dest: HostFacts) -> str:
         ok = magic1 == FP_XSTATE_MAGIC1
     else:
         magic2_at = size
-        ok = magic1 == FP_XSTATE_MAGIC1 and 576 <= size <= dest.user_size and size <= extended
+        ok = magic1 == FP_XSTATE_MAGIC1 and MIN_XSTATE_SIZE <= size <= dest.user_size and size <= extended
     if (
         not ok
-        or len(image) < magic2_at + 4
+        or len(image) < magic2_at + MAGIC2_SIZE
         or struct.unpack_from("<I", image, magic2_at)[0] != FP_XSTATE_MAGIC2
     ):
         return "fx-only"
-    mxcsr = struct.unpack_from("<I", image, 24)[0]
+    mxcsr = struct.unpack_from("<I", image, MXCSR_OFFSET)[0]
     if bv & ~dest.xcr0 or xcomp or any(image[XSAVE_HEADER_OFFSET + 16 : XSAVE_HEADER_OFFSET + 24]):
         return "sigsegv"
     if mxcsr & ~dest.mxcsr_mask:

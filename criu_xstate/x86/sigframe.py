@@ -7,45 +7,10 @@ Only the fields criu-xstate reads or writes are named; the rest of each structur
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Mapping
-from dataclasses import dataclass
+from criu_xstate.x86.layout import Field, Struct
 
-
-@dataclass(frozen=True)
-class Field:
-    name: str
-    offset: int
-    fmt: str  # struct format of one little-endian value: "Q", "I", "H", "i"
-
-
-@dataclass(frozen=True)
-class Struct:
-    name: str
-    size: int
-    fields: tuple[Field, ...]
-
-    def field(self, name: str) -> Field:
-        for f in self.fields:
-            if f.name == name:
-                return f
-        raise KeyError(f"{self.name} has no field {name}")
-
-    def offset(self, name: str) -> int:
-        return self.field(name).offset
-
-    def parse(self, buf: bytes) -> dict[str, int]:
-        if len(buf) < self.size:
-            raise ValueError(f"{self.name}: {len(buf)} bytes, need {self.size}")
-        return {f.name: int(struct.unpack_from("<" + f.fmt, buf, f.offset)[0]) for f in self.fields}
-
-    def build(self, values: Mapping[str, int], base: bytes | None = None) -> bytes:
-        out = bytearray(base if base is not None else bytes(self.size))
-        for name, value in values.items():
-            f = self.field(name)
-            struct.pack_into("<" + f.fmt, out, f.offset, value)
-        return bytes(out)
-
+# Re-exported for plan.py until it imports criu_xstate.x86.xsave itself.
+from criu_xstate.x86.xsave import XSAVE_HEADER_OFFSET as XSAVE_HEADER_OFFSET
 
 _MCONTEXT = 48  # uc.uc_mcontext (struct sigcontext_64) inside struct rt_sigframe
 
@@ -93,24 +58,6 @@ SIGFRAME_IA32 = _ia32("sigframe_ia32", 736, 8)  # sc at +8
 IA32_RT_KERNEL_FPSTATE_OFFSET = 276
 IA32_KERNEL_FPSTATE_OFFSET = 740
 IA32_FSAVE_HEADER = 112  # FSAVE-format header before the FXSAVE/XSAVE image on ia32 frames
-
-# The XSAVE image (kernel.md §2): legacy FXSAVE area, struct _fpx_sw_bytes at +464, header at +512.
-FP_XSTATE_MAGIC1 = 0x46505853
-FP_XSTATE_MAGIC2 = 0x46505845
-MXCSR_OFFSET = 24
-SW_BYTES = Struct(
-    "_fpx_sw_bytes",
-    48,
-    (
-        Field("magic1", 0, "I"),
-        Field("extended_size", 4, "I"),
-        Field("xfeatures", 8, "Q"),
-        Field("xstate_size", 16, "I"),
-    ),
-)
-SW_BYTES_OFFSET = 464
-XSAVE_HEADER_OFFSET = 512
-MIN_XSTATE_SIZE = 576  # legacy 512 + header 64
 
 UC_FP_XSTATE = 0x1
 UC_SIGCONTEXT_SS = 0x2

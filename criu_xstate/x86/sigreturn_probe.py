@@ -28,12 +28,10 @@ import struct
 import time
 from dataclasses import dataclass
 
-from criu_xstate.x86.sigframe import (
+from criu_xstate.x86.sigframe import RT_SIGFRAME_64, SA_RESTORER, SA_SIGINFO
+from criu_xstate.x86.xsave import (
     FP_XSTATE_MAGIC2,
     MIN_XSTATE_SIZE,
-    RT_SIGFRAME_64,
-    SA_RESTORER,
-    SA_SIGINFO,
     SW_BYTES,
     SW_BYTES_OFFSET,
     XSAVE_HEADER_OFFSET,
