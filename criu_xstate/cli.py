@@ -222,24 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_hook)
 
     p = sub.add_parser("hook-install", help="install the CRIU action script where every runtime runs it")
-    p.add_argument(
-        "--criu-config",
-        default="/etc/criu/default.conf",
-        metavar="FILE",
-        help="CRIU config file to add the action-script line to (default: %(default)s)",
-    )
-    p.add_argument(
-        "--script",
-        default="/usr/local/lib/criu-xstate/criu-xstate-hook",
-        metavar="FILE",
-        help="where to write the action script (default: %(default)s)",
-    )
-    p.add_argument(
-        "--config",
-        default="/etc/criu-xstate/config.yaml",
-        metavar="FILE",
-        help="the hook's policy file (default: %(default)s)",
-    )
+    for flag, default, what in (
+        ("--criu-config", "/etc/criu/default.conf", "CRIU config file to add the action-script line to"),
+        ("--script", "/usr/local/lib/criu-xstate/criu-xstate-hook", "where to write the action script"),
+        ("--config", "/etc/criu-xstate/config.yaml", "the hook's policy file"),
+    ):
+        p.add_argument(flag, default=default, metavar="FILE", help=f"{what} (default: %(default)s)")
     p.add_argument("--dest", help="destination: probe, a shipped profile name or a profile path")
     p.add_argument("--mode", choices=["enforce", "check", "warn", "off"], help="the hook's mode")
     p.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")

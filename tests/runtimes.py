@@ -23,6 +23,25 @@ from tests.realcriu import skip_reason as criu_skip_reason
 BUSYBOX = Path("/bin/busybox")
 
 
+def make_rootfs(rootfs: Path) -> None:
+    """busybox (static) as /bin/sh, the static ymm_handler workload, and /out for its reports."""
+    for d in ("bin", "out", "proc", "dev", "sys", "tmp"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+    (rootfs / "bin" / "sh").symlink_to("busybox")
+    shutil.copy2(build_workload("ymm_handler"), rootfs / "ymm_handler")
+
+
+def _run_logged(
+    cmd: list[str], env: dict[str, str], log: list[str], what: str, check: bool
+) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    log.append(f"$ {' '.join(cmd)} -> {r.returncode} {r.stderr.strip()[-300:]}")
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{what} failed ({r.returncode}): {r.stderr.strip()}")
+    return r
+
+
 def skip_reason() -> str | None:
     reason = criu_skip_reason()
     if reason:
@@ -57,21 +76,10 @@ class RuncContainer:
         if self.criu_config is not None:
             env["CRIU_CONFIG_FILE"] = str(self.criu_config)
         cmd = ["runc", "--criu", str(criu_path()), *args]
-        r = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
-        )
-        self.log.append(f"$ {' '.join(cmd)} -> {r.returncode} {r.stderr.strip()[-300:]}")
-        if check and r.returncode != 0:
-            raise RuntimeError(f"runc {args[0]} failed ({r.returncode}): {r.stderr.strip()}")
-        return r
+        return _run_logged(cmd, env, self.log, f"runc {args[0]}", check)
 
     def create_bundle(self) -> None:
-        rootfs = self.bundle / "rootfs"
-        for d in ("bin", "out", "proc", "dev", "sys", "tmp"):
-            (rootfs / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-        (rootfs / "bin" / "sh").symlink_to("busybox")
-        shutil.copy2(build_workload("ymm_handler"), rootfs / "ymm_handler")
+        make_rootfs(self.bundle / "rootfs")
         subprocess.run(["runc", "spec"], cwd=self.bundle, check=True, capture_output=True)
         spec = json.loads((self.bundle / "config.json").read_text())
         spec["process"]["terminal"] = False
@@ -182,11 +190,7 @@ class Podman:
             f'runc = ["{bin_dir / "runc"}"]\n'
         )
         rootfs = self.root / "rootfs"
-        for d in ("bin", "out", "proc", "dev", "sys", "tmp"):
-            (rootfs / d).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
-        (rootfs / "bin" / "sh").symlink_to("busybox")
-        shutil.copy2(build_workload("ymm_handler"), rootfs / "ymm_handler")
+        make_rootfs(rootfs)
         subprocess.run(["tar", "-C", str(rootfs), "-cf", str(self.root / "rootfs.tar"), "."], check=True)
         self.run("import", str(self.root / "rootfs.tar"), "localhost/criu-xstate-ymm:test")
 
@@ -216,13 +220,7 @@ class Podman:
             "CONTAINERS_CONF": str(self.root / "containers.conf"),
             "PATH": f"{self.root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         }
-        r = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
-        )
-        self.log.append(f"$ podman {' '.join(args)} -> {r.returncode} {r.stderr.strip()[-300:]}")
-        if check and r.returncode != 0:
-            raise RuntimeError(f"podman {args[0]} failed ({r.returncode}): {r.stderr.strip()}")
-        return r
+        return _run_logged(cmd, env, self.log, f"podman {args[0]}", check)
 
     def start_workload(self, name: str, *extra: str) -> None:
         for p in self.out.iterdir():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from criu_xstate import fsio
 from criu_xstate.cli import main
 from criu_xstate.transaction import journal_state
+from tests.faults import interrupt_at_first_pwrite
 
 REPO = Path(__file__).parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "threads"
@@ -66,17 +66,7 @@ def test_hook_refuses_a_checkpoint_with_a_pending_journal(
     ck = tmp_path / "ck"
     shutil.copytree(FIXTURE, ck)
 
-    class Crash(BaseException):
-        pass
-
-    def crash_at_first_pwrite(point: str, name: str) -> None:
-        if point == "pwrite":
-            raise Crash
-
-    monkeypatch.setattr(fsio, "fault_hook", crash_at_first_pwrite)
-    with pytest.raises(Crash):
-        _hook(monkeypatch, ck, "amd-zen4.yaml")
-    monkeypatch.setattr(fsio, "fault_hook", None)
+    interrupt_at_first_pwrite(monkeypatch, lambda: _hook(monkeypatch, ck, "amd-zen4.yaml"))
     assert journal_state(ck) == "pending"
     assert _hook(monkeypatch, ck, "amd-zen4.yaml") == 2
     assert "interrupted" in capsys.readouterr().err

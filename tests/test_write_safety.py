@@ -197,19 +197,9 @@ def test_out_creates_missing_parents(tmp_path: Path, ck: Path) -> None:
 def test_a_pending_journal_is_visible_to_plan_and_blocks_apply_out(
     tmp_path: Path, ck: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from criu_xstate import fsio
+    from tests.faults import interrupt_at_first_pwrite
 
-    class Crash(BaseException):
-        pass
-
-    def crash(point: str, name: str) -> None:
-        if point == "pwrite":
-            raise Crash
-
-    monkeypatch.setattr(fsio, "fault_hook", crash)
-    with pytest.raises(Crash):
-        apply(ck, ZEN4)
-    monkeypatch.setattr(fsio, "fault_hook", None)
+    interrupt_at_first_pwrite(monkeypatch, lambda: apply(ck, ZEN4))
     assert journal_state(ck) == "pending"
     capsys.readouterr()
     assert main(["plan", str(ck), "--dest", ZEN4]) == 2
