@@ -14,7 +14,6 @@ from typing import Any
 from criu_xstate.errors import ImageError
 from criu_xstate.frames import Sigaction, ThreadFrames, ThreadStacks, find_frames
 from criu_xstate.images import AddressSpace, Checkpoint
-from criu_xstate.plan import ThreadState
 from criu_xstate.x86.xfeatures import PKRU
 
 MAP_GROWSDOWN = 0x100
@@ -70,6 +69,29 @@ class ThreadXsave:
     mxcsr: int | None
 
 
+@dataclass(frozen=True)
+class ThreadState:
+    """What the plan reads of one thread: who it is, its current FPU state, and what could not be read."""
+
+    pid: int
+    tid: int
+    compat: bool
+    xsave: ThreadXsave
+    unreadable: tuple[str, ...] = ()  # stacks whose pages the checkpoint does not hold (lazy pages)
+
+    @property
+    def xstate_bv(self) -> int | None:
+        return self.xsave.xstate_bv
+
+    @property
+    def in_use(self) -> frozenset[int]:
+        return self.xsave.in_use
+
+    @property
+    def pkru(self) -> int | None:
+        return self.xsave.pkru
+
+
 @dataclass
 class Thread:
     process: Process
@@ -101,15 +123,7 @@ class Thread:
 
     def state(self) -> ThreadState:
         unreadable = tuple(f"{u.stack.value}: {u.error.reason}" for u in self.frames.unreadable)
-        return ThreadState(
-            self.pid,
-            self.tid,
-            self.compat,
-            self.xsave.xstate_bv,
-            self.xsave.in_use,
-            self.xsave.pkru,
-            unreadable,
-        )
+        return ThreadState(self.pid, self.tid, self.compat, self.xsave, unreadable)
 
 
 class _ProcessMemory:
@@ -258,4 +272,4 @@ def load_model(ck: Checkpoint) -> CheckpointModel:
     return CheckpointModel(ck, processes)
 
 
-__all__ = ["CheckpointModel", "Process", "Thread", "ThreadXsave", "Vma", "load_model"]
+__all__ = ["CheckpointModel", "Process", "Thread", "ThreadState", "ThreadXsave", "Vma", "load_model"]

@@ -7,11 +7,11 @@ import struct
 import pytest
 
 from criu_xstate.frames import Sigaction, SignalFrame, ThreadStacks, find_frames
+from criu_xstate.model import ThreadState, ThreadXsave
 from criu_xstate.plan import (
     FrameAction,
     HostFacts,
     SourceFacts,
-    ThreadState,
     Verdict,
     infer_source_offsets,
     make_plan,
@@ -72,6 +72,18 @@ def built_frame(
         mem.write(fpstate + table[n][0], raw)
     (live,) = find_frames(ThreadStacks(1, frame - 0x100), mem, SAS).live
     return live
+
+
+def thread(
+    xstate_bv: int | None,
+    in_use: frozenset[int] = frozenset(),
+    pkru: int | None = None,
+    *,
+    compat: bool = False,
+    unreadable: tuple[str, ...] = (),
+    tid: int = 1,
+) -> ThreadState:
+    return ThreadState(1, tid, compat, ThreadXsave(xstate_bv, in_use, pkru, None), unreadable)
 
 
 def codes(decision: object) -> list[str]:
@@ -202,19 +214,19 @@ def test_unknown_layout_is_refused_with_a_remedy() -> None:
     ],
 )
 def test_thread_state_rules(in_use: frozenset[int], pkru: int | None, expected: str) -> None:
-    state = ThreadState(1, 1, False, 0xE7, in_use, pkru)
+    state = thread(0xE7, in_use, pkru)
     assert expected in [f.code for f in plan_thread_state(state, SMALL)]
 
 
 def test_thread_pkeys_in_use() -> None:
-    state = ThreadState(1, 1, False, 0x207, frozenset({9}), 0x55555550)
+    state = thread(0x207, frozenset({9}), 0x55555550)
     assert [f.code for f in plan_thread_state(state, SMALL)] == ["THREAD_PKRU_IN_USE_DEST_NO_PKEYS"]
 
 
 def test_verdict_is_the_worst_finding() -> None:
     ok = built_frame(0xE7, 2432, 0x7, YMM)
     bad = built_frame(0xE7, 2432, 0xE7, {**YMM, 6: b"\x01" * 512})
-    state = ThreadState(1, 1, False, 0x7)
+    state = thread(0x7)
     assert make_plan([(state, [ok])], ZEN4_NOPKU).verdict is Verdict.COMPATIBLE
     assert make_plan([(state, [ok])], SMALL).verdict is Verdict.TRANSLATE
     assert make_plan([(state, [ok, bad])], SMALL).verdict is Verdict.REFUSE
@@ -228,7 +240,7 @@ def test_verdict_is_the_worst_finding() -> None:
 
 
 def test_unreadable_stack_is_a_refusal_naming_the_thread() -> None:
-    state = ThreadState(5, 6, False, 0x7, unreadable=("stack: lazy page not in the image",))
+    state = thread(0x7, unreadable=("stack: lazy page not in the image",), tid=6)
     (f,) = plan_thread_state(state, SMALL)
     assert f.code == "STACK_UNREADABLE" and "tid 6" in f.subject and "lazy" in f.detail
 
@@ -246,7 +258,7 @@ def test_isa_flags_implied_by_frames() -> None:
 
     assert implied_flags(0x2E7) == {"avx", "avx512f", "pku"}
     f = built_frame(0xE7, 2432, 0x7, YMM)
-    state = ThreadState(1, 1, False, 0x7)
+    state = thread(0x7)
     dest = HostFacts("avx2-host", 0x7, 832, 0x2FFFF, AMD_OFFSETS, flags=frozenset({"avx", "avx2"}))
     src = SourceFacts("signal frames", None, implied_flags(0xE7))
     warn = make_plan([(state, [f])], dest, src)
