@@ -18,8 +18,7 @@ from criu_xstate.plan import (
     SourceFacts,
     facts_from_profile,
     plan_for,
-    source_from_cpuinfo,
-    source_from_profile,
+    source_facts,
 )
 
 __all__ = ["Destination", "facts_from_profile", "load_destinations", "load_source", "plan_for"]
@@ -40,13 +39,16 @@ def load_destinations(paths: Sequence[str]) -> list[Destination]:
 
 
 def load_source(path: str | None, model: CheckpointModel) -> SourceFacts | None:
-    """The source host: a --src profile, else the checkpoint's cpuinfo.img (CRIU --cpu-cap), else None."""
-    if path is not None:
-        profiles = hosts.load_profiles(Path(path))
-        if len(profiles) != 1:
-            raise ProfileError(path, f"--src needs one profile, found {len(profiles)}")
-        return source_from_profile(profiles[0])
-    cpuinfo = model.checkpoint.cpuinfo()
-    if cpuinfo is None:
-        return None
-    return source_from_cpuinfo(hosts.profile_from_cpuinfo_img(cpuinfo))
+    """Read what plan.inputs.source_facts weighs: a --src profile, else the checkpoint's cpuinfo.img
+    (CRIU --cpu-cap), which is not read when a profile is given."""
+    profile = _one_profile(path) if path is not None else None
+    cpuinfo = model.checkpoint.cpuinfo() if profile is None else None
+    partial = hosts.profile_from_cpuinfo_img(cpuinfo) if cpuinfo is not None else None
+    return source_facts(profile, partial)
+
+
+def _one_profile(path: str) -> hosts.HostProfile:
+    profiles = hosts.load_profiles(Path(path))
+    if len(profiles) != 1:
+        raise ProfileError(path, f"--src needs one profile, found {len(profiles)}")
+    return profiles[0]

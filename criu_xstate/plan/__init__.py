@@ -21,8 +21,7 @@ from criu_xstate.plan.inputs import (
     HostFacts,
     SourceFacts,
     facts_from_profile,
-    source_from_cpuinfo,
-    source_from_profile,
+    source_facts,
     with_frame_flags,
 )
 from criu_xstate.plan.layout import infer_source_offsets
@@ -45,7 +44,6 @@ __all__ = [
     "plan_for",
     "plan_frame",
     "plan_thread_state",
-    "source_from_cpuinfo",
-    "source_from_profile",
+    "source_facts",
     "with_frame_flags",
 ]

@@ -70,15 +70,18 @@ def facts_from_profile(profile: hosts.HostProfile) -> HostFacts:
     )
 
 
-def source_from_profile(profile: hosts.HostProfile) -> SourceFacts:
-    """A ``--src`` profile: its layout and its flags are the source's."""
-    facts = facts_from_profile(profile)
-    return SourceFacts(profile.name, dict(facts.offsets), facts.flags)
-
-
-def source_from_cpuinfo(partial: hosts.PartialProfile) -> SourceFacts:
-    """A checkpoint's cpuinfo.img: the source's CPU flags, but not its XSAVE layout."""
-    return SourceFacts("cpuinfo.img", None, frozenset(partial.flags) if partial.flags else None)
+def source_facts(
+    profile: hosts.HostProfile | None, cpuinfo: hosts.PartialProfile | None
+) -> SourceFacts | None:
+    """A ``--src`` profile wins (its layout and flags are the source's); else a cpuinfo.img gives the
+    source's CPU flags but not its XSAVE layout; else nothing is known until the frames are read
+    (:func:`with_frame_flags`)."""
+    if profile is not None:
+        facts = facts_from_profile(profile)
+        return SourceFacts(profile.name, dict(facts.offsets), facts.flags)
+    if cpuinfo is not None:
+        return SourceFacts("cpuinfo.img", None, frozenset(cpuinfo.flags) if cpuinfo.flags else None)
+    return None
 
 
 def with_frame_flags(source: SourceFacts | None, frames: Iterable[SignalFrame]) -> SourceFacts | None:
