@@ -2,6 +2,7 @@
 
 The model is what the rest of the product reasons about; it is built from the image layer and never
 writes. Frames are discovered lazily per thread (reading only that thread's stack bytes).
+``Thread.state()`` is what the plan (criu_xstate/plan/) reads of a thread; the model never imports it.
 """
 
 from __future__ import annotations
