@@ -29,7 +29,11 @@ from criu_xstate.x86.xfeatures import PKRU
 
 
 def _judge_state(f: FrameFacts, out: list[Finding]) -> None:
-    """Components, xstate_bv, PKRU and the SIGSEGV rules, in the order the findings are reported."""
+    """Components, xstate_bv, PKRU and the SIGSEGV rules, in the order the findings are reported.
+
+    PKRU is not a component here: STATE_RULES judge it both ways, then the one COMPONENT_OFFSET_MOVED
+    row checks where the PKRU the destination gets sits.
+    """
     for c in f.components:
         if c.number != PKRU:
             run_rules(fr.COMPONENT_RULES, f, c, f.subject, out)
