@@ -7,8 +7,8 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Mapping, Sequence
 
-from criu_xstate.frames import Liveness
-from criu_xstate.model import CheckpointModel
+from criu_xstate.frames import Liveness, SignalFrame
+from criu_xstate.model import CheckpointModel, Thread
 from criu_xstate.plan import Finding, Plan, Severity, ThreadPlan, Verdict
 from criu_xstate.report.json import mask_names
 
@@ -129,51 +129,50 @@ def render_multi_text(results: Sequence[tuple[str, Plan]], *, checkpoint: str, c
     return "\n".join(lines) + "\n"
 
 
+def _show_frame(f: SignalFrame) -> list[str]:
+    if f.liveness is Liveness.INVALID:
+        why = "; ".join(f"{c.name}: {c.detail}" for c in f.failed)
+        return [f"    not a frame at 0x{f.address:x} ({why})"]
+    if f.liveness is not Liveness.LIVE:
+        return [f"    {f.liveness.value} frame at 0x{f.address:x} on {f.stack.value} (not live)"]
+    sw = f.sw
+    desc = (
+        f"xfeatures 0x{sw.xfeatures:x} xstate_size {sw.xstate_size} xstate_bv 0x{f.xstate_bv or 0:x}"
+        if sw
+        else "no FPU context"
+    )
+    sig = f"signal {f.signo}" if f.signo else "signal ?"
+    return [
+        f"    live frame #{f.depth} 0x{f.address:x} on {f.stack.value}, {sig}: {desc}",
+        f"      fpstate 0x{f.fpstate or 0:x}, interrupted at ip 0x{f.interrupted_ip:x} "
+        f"sp 0x{f.interrupted_sp:x}",
+    ]
+
+
+def _show_thread(t: Thread) -> list[str]:
+    vma = t.stack_vma
+    stack = f"stack 0x{vma.start:x}-0x{vma.end:x}" if vma else "SP outside every VMA"
+    lines = [f"  tid {t.tid}{' compat' if t.compat else ''}: sp 0x{t.sp:x} ({stack}), ip 0x{t.ip:x}"]
+    if t.altstack:
+        where = " (SP on it)" if t.on_altstack else ""
+        lines.append(f"    sigaltstack 0x{t.altstack[0]:x} size {t.altstack[1]}{where}")
+    bv = t.xsave.xstate_bv
+    if bv is None:
+        lines.append("    xsave: none in the image")
+    else:
+        used = ", ".join(mask_names(sum(1 << n for n in t.xsave.in_use))) or "nothing beyond SSE"
+        lines.append(f"    xsave: xstate_bv 0x{bv:x}; in use: {used}")
+    lines += [f"    {u.stack.value} unreadable: {u.error.reason}" for u in t.frames.unreadable]
+    for f in t.frames.frames:
+        lines += _show_frame(f)
+    return lines
+
+
 def show_text(model: CheckpointModel, source: str) -> str:
     lines = [f"{source}: {len(model.processes)} process(es), {sum(1 for _ in model.threads())} thread(s)"]
     for p in model.processes:
-        lines.append("")
         handlers = ", ".join(str(s.signo) for s in p.sigactions) or "none"
-        lines.append(f"pid {p.pid} ppid {p.ppid} ({p.comm}); handlers for signals: {handlers}")
+        lines += ["", f"pid {p.pid} ppid {p.ppid} ({p.comm}); handlers for signals: {handlers}"]
         for t in p.threads:
-            vma = t.stack_vma
-            stack = f"stack 0x{vma.start:x}-0x{vma.end:x}" if vma else "SP outside every VMA"
-            lines.append(
-                f"  tid {t.tid}{' compat' if t.compat else ''}: sp 0x{t.sp:x} ({stack}), ip 0x{t.ip:x}"
-            )
-            if t.altstack:
-                where = " (SP on it)" if t.on_altstack else ""
-                lines.append(f"    sigaltstack 0x{t.altstack[0]:x} size {t.altstack[1]}{where}")
-            bv = t.xsave.xstate_bv
-            if bv is None:
-                lines.append("    xsave: none in the image")
-            else:
-                used = ", ".join(mask_names(sum(1 << n for n in t.xsave.in_use))) or "nothing beyond SSE"
-                lines.append(f"    xsave: xstate_bv 0x{bv:x}; in use: {used}")
-            for u in t.frames.unreadable:
-                lines.append(f"    {u.stack.value} unreadable: {u.error.reason}")
-            for f in t.frames.frames:
-                if f.liveness is Liveness.LIVE:
-                    sw = f.sw
-                    desc = (
-                        f"xfeatures 0x{sw.xfeatures:x} xstate_size {sw.xstate_size} "
-                        f"xstate_bv 0x{f.xstate_bv or 0:x}"
-                        if sw
-                        else "no FPU context"
-                    )
-                    sig = f"signal {f.signo}" if f.signo else "signal ?"
-                    lines.append(
-                        f"    live frame #{f.depth} 0x{f.address:x} on {f.stack.value}, {sig}: {desc}"
-                    )
-                    lines.append(
-                        f"      fpstate 0x{f.fpstate or 0:x}, interrupted at ip 0x{f.interrupted_ip:x} "
-                        f"sp 0x{f.interrupted_sp:x}"
-                    )
-                elif f.liveness is Liveness.INVALID:
-                    why = "; ".join(f"{c.name}: {c.detail}" for c in f.failed)
-                    lines.append(f"    not a frame at 0x{f.address:x} ({why})")
-                else:
-                    lines.append(
-                        f"    {f.liveness.value} frame at 0x{f.address:x} on {f.stack.value} (not live)"
-                    )
+            lines += _show_thread(t)
     return "\n".join(lines) + "\n"
