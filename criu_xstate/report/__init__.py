@@ -7,10 +7,9 @@ Commands and the hook compute; this package only formats what they computed. Sch
 from __future__ import annotations
 
 from criu_xstate.report.json import dumps, plan_json, plans_json, show_json
-from criu_xstate.report.text import Style, render_multi_text, render_plan_text, show_text
+from criu_xstate.report.text import render_multi_text, render_plan_text, show_text
 
 __all__ = [
-    "Style",
     "dumps",
     "plan_json",
     "plans_json",
