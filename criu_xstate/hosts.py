@@ -550,9 +550,6 @@ class Difference:
     subject: str
     detail: str
 
-    def to_json(self) -> dict[str, str]:
-        return {"kind": self.kind, "subject": self.subject, "detail": self.detail}
-
 
 def compare(a: HostProfile, b: HostProfile) -> list[Difference]:
     """What ``b`` lacks that ``a`` has (a checkpoint made on ``a`` restored on ``b``)."""

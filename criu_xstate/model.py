@@ -2,6 +2,7 @@
 
 The model is what the rest of the product reasons about; it is built from the image layer and never
 writes. Frames are discovered lazily per thread (reading only that thread's stack bytes).
+``Thread.state()`` is what the plan (criu_xstate/plan/) reads of a thread; the model never imports it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 from criu_xstate.errors import ImageError
 from criu_xstate.frames import Sigaction, ThreadFrames, ThreadStacks, find_frames
 from criu_xstate.images import AddressSpace, Checkpoint
-from criu_xstate.plan import ThreadState
 from criu_xstate.x86.xfeatures import PKRU
 
 MAP_GROWSDOWN = 0x100
@@ -71,6 +71,29 @@ class ThreadXsave:
     mxcsr: int | None
 
 
+@dataclass(frozen=True)
+class ThreadState:
+    """What the plan reads of one thread: who it is, its current FPU state, and what could not be read."""
+
+    pid: int
+    tid: int
+    compat: bool
+    xsave: ThreadXsave
+    unreadable: tuple[str, ...] = ()  # stacks whose pages the checkpoint does not hold (lazy pages)
+
+    @property
+    def xstate_bv(self) -> int | None:
+        return self.xsave.xstate_bv
+
+    @property
+    def in_use(self) -> frozenset[int]:
+        return self.xsave.in_use
+
+    @property
+    def pkru(self) -> int | None:
+        return self.xsave.pkru
+
+
 @dataclass
 class Thread:
     process: Process
@@ -102,15 +125,7 @@ class Thread:
 
     def state(self) -> ThreadState:
         unreadable = tuple(f"{u.stack.value}: {u.error.reason}" for u in self.frames.unreadable)
-        return ThreadState(
-            self.pid,
-            self.tid,
-            self.compat,
-            self.xsave.xstate_bv,
-            self.xsave.in_use,
-            self.xsave.pkru,
-            unreadable,
-        )
+        return ThreadState(self.pid, self.tid, self.compat, self.xsave, unreadable)
 
 
 class _ProcessMemory:
@@ -262,4 +277,4 @@ def load_model(ck: Checkpoint) -> CheckpointModel:
     return CheckpointModel(ck, processes)
 
 
-__all__ = ["CheckpointModel", "Process", "Thread", "ThreadXsave", "Vma", "load_model"]
+__all__ = ["CheckpointModel", "Process", "Thread", "ThreadState", "ThreadXsave", "Vma", "load_model"]

@@ -13,7 +13,7 @@ from criu_xstate.commands.planning import Destination, load_destinations
 from criu_xstate.errors import ApplyError, ExitCode
 from criu_xstate.images.checkpoint import is_archive
 from criu_xstate.plan import Verdict
-from criu_xstate.report import dumps, render_plan_text
+from criu_xstate.report import dumps, plan_json, render_plan_text
 from criu_xstate.transaction import transaction
 
 
@@ -27,7 +27,7 @@ def _single_dest(args: argparse.Namespace) -> Destination:
 
 
 def _summary(outcome: Outcome, target: str) -> dict[str, object]:
-    out = outcome.plan.to_json()
+    out = plan_json(outcome.plan)
     cs = outcome.changeset
     out["applied"] = {
         "target": target,

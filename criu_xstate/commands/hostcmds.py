@@ -10,6 +10,7 @@ from pathlib import Path
 
 from criu_xstate import hosts
 from criu_xstate.errors import ExitCode, ProbeError, ProfileError
+from criu_xstate.report.json import difference_json
 from criu_xstate.x86.cpuid import format_dump, parse_dump, probe_raw
 
 
@@ -71,9 +72,8 @@ def run_compare(args: argparse.Namespace) -> int:
     b = hosts.load_profile(Path(args.b))
     diffs = hosts.compare(a, b)
     if args.json:
-        sys.stdout.write(
-            json.dumps({"a": a.name, "b": b.name, "b_lacks": [d.to_json() for d in diffs]}, indent=2) + "\n"
-        )
+        lacks = [difference_json(d) for d in diffs]
+        sys.stdout.write(json.dumps({"a": a.name, "b": b.name, "b_lacks": lacks}, indent=2) + "\n")
     elif not diffs:
         print(f"{b.name} has everything {a.name} has")
     else:

@@ -8,7 +8,7 @@ import sys
 from criu_xstate.commands.common import opened_model, refuse_if_interrupted, use_colour
 from criu_xstate.commands.planning import load_destinations, load_source, plan_for
 from criu_xstate.plan import Verdict
-from criu_xstate.report import dumps, render_multi_text, render_plan_text
+from criu_xstate.report import dumps, plan_json, plans_json, render_multi_text, render_plan_text
 
 EXIT_FOR = {Verdict.COMPATIBLE: 0, Verdict.TRANSLATE: 0, Verdict.REFUSE: 1}
 
@@ -30,11 +30,9 @@ def run(args: argparse.Namespace) -> int:
         comms = {p.pid: p.comm for p in model.processes}
     if args.json:
         if len(plans) == 1:
-            sys.stdout.write(dumps(plans[0][1].to_json()))
+            sys.stdout.write(dumps(plan_json(plans[0][1])))
         else:
-            sys.stdout.write(
-                dumps({"schema": "criu-xstate/plans/v1", "plans": [p.to_json() for _, p in plans]})
-            )
+            sys.stdout.write(dumps(plans_json([p for _, p in plans])))
     elif len(plans) == 1:
         sys.stdout.write(
             render_plan_text(

@@ -1,12 +1,17 @@
-"""Text and JSON rendering of plans. Text fits an 80-column terminal; colour only when asked (a TTY)."""
+"""Text of ``show`` and ``plan`` (``apply`` prints the plan too). Fits an 80-column terminal; colour
+only when asked (a TTY). The JSON of the same commands is in json.py.
+"""
 
 from __future__ import annotations
 
-import json
 import textwrap
 from collections.abc import Mapping, Sequence
 
+from criu_xstate.frames import Liveness, SignalFrame
+from criu_xstate.images.container import ContainerMeta
+from criu_xstate.model import CheckpointModel, Thread
 from criu_xstate.plan import Finding, Plan, Severity, ThreadPlan, Verdict
+from criu_xstate.report.json import mask_names
 
 WIDTH = 80
 
@@ -130,5 +135,62 @@ def render_multi_text(results: Sequence[tuple[str, Plan]], *, checkpoint: str, c
     return "\n".join(lines) + "\n"
 
 
-def dumps(obj: object) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+def _show_frame(f: SignalFrame) -> list[str]:
+    if f.liveness is Liveness.INVALID:
+        why = "; ".join(f"{c.name}: {c.detail}" for c in f.failed)
+        return [f"    not a frame at 0x{f.address:x} ({why})"]
+    if f.liveness is not Liveness.LIVE:
+        return [f"    {f.liveness.value} frame at 0x{f.address:x} on {f.stack.value} (not live)"]
+    sw = f.sw
+    desc = (
+        f"xfeatures 0x{sw.xfeatures:x} xstate_size {sw.xstate_size} xstate_bv 0x{f.xstate_bv or 0:x}"
+        if sw
+        else "no FPU context"
+    )
+    sig = f"signal {f.signo}" if f.signo else "signal ?"
+    return [
+        f"    live frame #{f.depth} 0x{f.address:x} on {f.stack.value}, {sig}: {desc}",
+        f"      fpstate 0x{f.fpstate or 0:x}, interrupted at ip 0x{f.interrupted_ip:x} "
+        f"sp 0x{f.interrupted_sp:x}",
+    ]
+
+
+def _show_thread(t: Thread) -> list[str]:
+    vma = t.stack_vma
+    stack = f"stack 0x{vma.start:x}-0x{vma.end:x}" if vma else "SP outside every VMA"
+    lines = [f"  tid {t.tid}{' compat' if t.compat else ''}: sp 0x{t.sp:x} ({stack}), ip 0x{t.ip:x}"]
+    if t.altstack:
+        where = " (SP on it)" if t.on_altstack else ""
+        lines.append(f"    sigaltstack 0x{t.altstack[0]:x} size {t.altstack[1]}{where}")
+    bv = t.xsave.xstate_bv
+    if bv is None:
+        lines.append("    xsave: none in the image")
+    else:
+        used = ", ".join(mask_names(sum(1 << n for n in t.xsave.in_use))) or "nothing beyond SSE"
+        lines.append(f"    xsave: xstate_bv 0x{bv:x}; in use: {used}")
+    lines += [f"    {u.stack.value} unreadable: {u.error.reason}" for u in t.frames.unreadable]
+    for f in t.frames.frames:
+        lines += _show_frame(f)
+    return lines
+
+
+def show_text(model: CheckpointModel, source: str) -> str:
+    lines = [f"{source}: {len(model.processes)} process(es), {sum(1 for _ in model.threads())} thread(s)"]
+    for p in model.processes:
+        handlers = ", ".join(str(s.signo) for s in p.sigactions) or "none"
+        lines += ["", f"pid {p.pid} ppid {p.ppid} ({p.comm}); handlers for signals: {handlers}"]
+        for t in p.threads:
+            lines += _show_thread(t)
+    return "\n".join(lines) + "\n"
+
+
+def container_line(m: ContainerMeta) -> str:
+    """What checkpointctl shows first: which container this is."""
+    ident = f" ({m.id[:12]})" if m.id else ""
+    parts = [
+        f"image {m.image}" if m.image else None,
+        f"runtime {m.runtime}" if m.runtime else None,
+        f"engine {m.engine}",
+        f"created {m.created}" if m.created else None,
+    ]
+    return f"container {m.name or '?'}{ident}: " + ", ".join(p for p in parts if p)

@@ -1,0 +1,94 @@
+"""The rules for a thread's current FPU state (core-<tid>.img), which CRIU itself re-lays out, as
+tables: one row per reason code (README, "Plan JSON and reason codes"; docs/plan-rules.md).
+
+make.py runs THREAD_RULES on the thread, STACK_RULES on each stack it could not read, and, when the
+image has an XSAVE state, ABSENT_COMPONENT_RULES on each component the destination lacks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from criu_xstate.model import ThreadState
+from criu_xstate.plan.findings import Hit, Rule, Severity
+from criu_xstate.plan.inputs import HostFacts
+from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, PKRU, bits, component_name
+
+
+@dataclass(frozen=True)
+class ThreadFacts:
+    state: ThreadState
+    dest: HostFacts
+
+    @property
+    def subject(self) -> str:
+        return f"tid {self.state.tid} registers"
+
+    def absent_components(self) -> list[int]:
+        """Components of the saved state (beyond x87/SSE) that the destination does not enable."""
+        bv = self.state.xstate_bv or 0
+        return [n for n in bits(bv & ~LEGACY) if not self.dest.xcr0 >> n & 1]
+
+
+def _compat(t: ThreadFacts, _: None) -> Hit | None:
+    if not t.state.compat:
+        return None
+    return Hit("32-bit (compat) thread: its signal frames are not translated")
+
+
+def _stack_unreadable(t: ThreadFacts, why: str) -> Hit:
+    return Hit(
+        f"the thread's stack cannot be read from the checkpoint ({why}): an in-flight signal frame "
+        "there could be neither checked nor translated"
+    )
+
+
+def _pkru_in_use(t: ThreadFacts, n: int) -> Hit | None:
+    pkru = t.state.pkru
+    if n != PKRU or pkru in (None, 0, INIT_PKRU):
+        return None
+    return Hit(
+        f"PKRU 0x{pkru:08x} is not the default: the process uses protection keys, which {t.dest.name} "
+        "does not have"
+    )
+
+
+def _in_use_missing(t: ThreadFacts, n: int) -> Hit | None:
+    if n == PKRU or n not in t.state.in_use:
+        return None
+    name = component_name(n)
+    return Hit(
+        f"{name} holds live data but {t.dest.name} lacks it: CRIU would drop it silently",
+        source="in use",
+        dest="absent",
+        name=name,
+    )
+
+
+def _init_absent(t: ThreadFacts, n: int) -> Hit | None:
+    if n == PKRU or n in t.state.in_use:
+        return None
+    return Hit(f"{component_name(n)} is in its init state; CRIU leaves it out on {t.dest.name}")
+
+
+THREAD_RULES: tuple[Rule[ThreadFacts, None], ...] = (Rule("COMPAT_THREAD", Severity.WARNING, _compat),)
+
+STACK_RULES: tuple[Rule[ThreadFacts, str], ...] = (
+    Rule(
+        "STACK_UNREADABLE",
+        Severity.REFUSE,
+        _stack_unreadable,
+        "dump without --lazy-pages (or with the pages transferred) and plan again",
+    ),
+)
+
+ABSENT_COMPONENT_RULES: tuple[Rule[ThreadFacts, int], ...] = (
+    Rule("THREAD_PKRU_IN_USE_DEST_NO_PKEYS", Severity.REFUSE, _pkru_in_use, "restore on a host with pkeys"),
+    Rule(
+        "THREAD_COMPONENT_IN_USE_MISSING_ON_DEST",
+        Severity.REFUSE,
+        _in_use_missing,
+        "restore on a host with {name}",
+    ),
+    Rule("THREAD_COMPONENT_INIT_ABSENT_ON_DEST", Severity.INFO, _init_absent),
+)

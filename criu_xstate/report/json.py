@@ -1,0 +1,197 @@
+"""JSON of every command: ``show`` (criu-xstate/show/v1), ``plan`` and ``apply`` (criu-xstate/plan/v1,
+criu-xstate/plans/v1 for several destinations) and ``compare``. The schemas are in the README ("Plan
+JSON and reason codes"); keys and their order are part of them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+from criu_xstate.frames import SignalFrame
+from criu_xstate.hosts import Difference
+from criu_xstate.model import CheckpointModel, Thread
+from criu_xstate.plan import Finding, FrameAction, FrameDecision, Plan, ThreadPlan
+from criu_xstate.x86.xfeatures import component_name
+
+PLAN_SCHEMA = "criu-xstate/plan/v1"
+PLANS_SCHEMA = "criu-xstate/plans/v1"
+SHOW_SCHEMA = "criu-xstate/show/v1"
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+def _hex(value: int | None) -> str | None:
+    return hex(value) if value is not None else None
+
+
+def mask_names(mask: int) -> list[str]:
+    return [component_name(n) for n in range(64) if mask >> n & 1]
+
+
+# --- plan ----------------------------------------------------------------------------------------------
+
+
+def finding_json(f: Finding) -> dict[str, object]:
+    out: dict[str, object] = {
+        "code": f.code,
+        "severity": f.severity.name.lower(),
+        "subject": f.subject,
+        "detail": f.detail,
+    }
+    if f.remedy:
+        out["remedy"] = f.remedy
+    if f.source is not None:
+        out["source"] = f.source
+    if f.dest is not None:
+        out["dest"] = f.dest
+    return out
+
+
+def _frame_summary(f: SignalFrame) -> dict[str, object]:
+    """What a plan says of the frame it judged (``show`` prints all of it: :func:`frame_json`)."""
+    return {
+        "frame": hex(f.address),
+        "fpstate": _hex(f.fpstate),
+        "stack": f.stack.value,
+        "live": f.live,
+        "depth": f.depth,
+        "abi": f.abi.value,
+        "signo": f.signo,
+        "xfeatures": hex(f.sw.xfeatures) if f.sw else None,
+        "xstate_size": f.sw.xstate_size if f.sw else None,
+        "xstate_bv": _hex(f.xstate_bv),
+    }
+
+
+def decision_json(d: FrameDecision) -> dict[str, object]:
+    out = _frame_summary(d.frame)
+    out["action"] = d.action.value
+    out["reasons"] = [finding_json(x) for x in d.findings]
+    if d.action in (FrameAction.TRANSLATE, FrameAction.RELOCATE):
+        out["target"] = {"xfeatures": hex(d.keep_mask), "xstate_size": d.target_size}
+    return out
+
+
+def thread_plan_json(t: ThreadPlan) -> dict[str, object]:
+    return {
+        "pid": t.state.pid,
+        "tid": t.state.tid,
+        "compat": t.state.compat,
+        "xstate_bv": _hex(t.state.xstate_bv),
+        "action": t.action,
+        "frames": [decision_json(d) for d in t.frames],
+        "reasons": [finding_json(f) for f in t.findings],
+    }
+
+
+def plan_json(plan: Plan) -> dict[str, object]:
+    return {
+        "schema": PLAN_SCHEMA,
+        "verdict": plan.verdict.value,
+        "dest": {
+            "name": plan.dest.name,
+            "xcr0": hex(plan.dest.xcr0),
+            "user_size": plan.dest.user_size,
+            "sigreturn": plan.dest.sigreturn,
+            "sigreturn_guess": plan.dest.sigreturn_guess,
+        },
+        "threads": [thread_plan_json(t) for t in plan.threads],
+        "reasons": [finding_json(f) for f in plan.findings],
+    }
+
+
+def plans_json(plans: Sequence[Plan]) -> dict[str, object]:
+    return {"schema": PLANS_SCHEMA, "plans": [plan_json(p) for p in plans]}
+
+
+# --- show ----------------------------------------------------------------------------------------------
+
+
+def frame_json(f: SignalFrame) -> dict[str, object]:
+    out: dict[str, object] = {
+        "frame": hex(f.address),
+        "abi": f.abi.value,
+        "stack": f.stack.value,
+        "liveness": f.liveness.value,
+        "live": f.live,
+        "depth": f.depth,
+        "signo": f.signo,
+        "interrupted_ip": hex(f.interrupted_ip),
+        "interrupted_sp": hex(f.interrupted_sp),
+        "fpstate": _hex(f.fpstate),
+        "kernel_layout": f.kernel_layout,
+        "end": hex(f.end),
+    }
+    if f.sw is not None:
+        out["sw_bytes"] = {
+            "xfeatures": hex(f.sw.xfeatures),
+            "xstate_size": f.sw.xstate_size,
+            "extended_size": f.sw.extended_size,
+        }
+        out["xstate_bv"] = hex(f.xstate_bv or 0)
+        out["xcomp_bv"] = hex(f.xcomp_bv or 0)
+        out["mxcsr"] = hex(f.mxcsr or 0)
+    out["checks"] = [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in f.checks]
+    return out
+
+
+def _thread_json(t: Thread) -> dict[str, object]:
+    vma = t.stack_vma
+    fr = t.frames
+    return {
+        "tid": t.tid,
+        "mode": "compat" if t.compat else "native",
+        "ip": hex(t.ip),
+        "sp": hex(t.sp),
+        "stack": {"start": hex(vma.start), "end": hex(vma.end), "growsdown": vma.growsdown} if vma else None,
+        "altstack": (
+            {"sp": hex(t.altstack[0]), "size": t.altstack[1], "flags": t.altstack[2], "active": t.on_altstack}
+            if t.altstack
+            else None
+        ),
+        "blocked": hex(t.blocked),
+        "xsave": {
+            "xstate_bv": _hex(t.xsave.xstate_bv),
+            "components": mask_names(t.xsave.xstate_bv or 0),
+            "in_use": [mask_names(1 << n)[0] for n in sorted(t.xsave.in_use)],
+            "pkru": _hex(t.xsave.pkru),
+            "mxcsr": _hex(t.xsave.mxcsr),
+        },
+        "frames": [frame_json(f) for f in fr.frames],
+        "unreadable": [{"stack": u.stack.value, "reason": u.error.reason} for u in fr.unreadable],
+    }
+
+
+def show_json(model: CheckpointModel, source: str) -> dict[str, object]:
+    return {
+        "schema": SHOW_SCHEMA,
+        "checkpoint": source,
+        "processes": [
+            {
+                "pid": p.pid,
+                "ppid": p.ppid,
+                "comm": p.comm,
+                "sigactions": [
+                    {
+                        "signo": s.signo,
+                        "handler": hex(s.handler),
+                        "flags": hex(s.flags),
+                        "restorer": hex(s.restorer),
+                    }
+                    for s in p.sigactions
+                ],
+                "threads": [_thread_json(t) for t in p.threads],
+            }
+            for p in model.processes
+        ],
+    }
+
+
+# --- compare -------------------------------------------------------------------------------------------
+
+
+def difference_json(d: Difference) -> dict[str, str]:
+    return {"kind": d.kind, "subject": d.subject, "detail": d.detail}
