@@ -21,7 +21,8 @@ from criu_xstate import safeyaml
 from criu_xstate.errors import ProfileError
 from criu_xstate.x86.cpuid import RawFacts
 from criu_xstate.x86.xfeatures import DYNAMIC as DYNAMIC_FEATURES
-from criu_xstate.x86.xfeatures import LEGACY_SIZE, SUPERVISOR, component_name
+from criu_xstate.x86.xfeatures import SUPERVISOR, XTILEDATA, component_name
+from criu_xstate.x86.xsave import MIN_XSTATE_SIZE
 
 SCHEMA = "criu-xstate/host/v1"
 SIGRETURN_RULES = ("frame-size", "user-size")
@@ -246,7 +247,7 @@ def validate(p: HostProfile, source: str) -> None:
             raise ProfileError(
                 source, f"xsave.components.{n} ({component_name(n)}) is not in xcr0 0x{xs.xcr0:x}"
             )
-        if c.offset < LEGACY_SIZE or c.size == 0 or c.offset + c.size > MAX_XSAVE_BYTES:
+        if c.offset < MIN_XSTATE_SIZE or c.size == 0 or c.offset + c.size > MAX_XSAVE_BYTES:
             raise ProfileError(
                 source, f"xsave.components.{n}: offset {c.offset} size {c.size} is not a standard slot"
             )
@@ -260,9 +261,9 @@ def validate(p: HostProfile, source: str) -> None:
                 source, f"xsave.components {a} ({ca.offset}+{ca.size}) and {b} (at {cb.offset}) overlap"
             )
     static_end = max(
-        [LEGACY_SIZE] + [c.offset + c.size for n, c in xs.components.items() if not xs.dynamic >> n & 1]
+        [MIN_XSTATE_SIZE] + [c.offset + c.size for n, c in xs.components.items() if not xs.dynamic >> n & 1]
     )
-    full_end = max([LEGACY_SIZE] + [c.offset + c.size for c in xs.components.values()])
+    full_end = max([MIN_XSTATE_SIZE] + [c.offset + c.size for c in xs.components.values()])
     if xs.user_size < static_end:
         raise ProfileError(
             source, f"xsave.user_size {xs.user_size} is smaller than the components' end {static_end}"
@@ -437,7 +438,7 @@ def profile_from_facts(facts: RawFacts, name: str, *, sigreturn: str | None = No
         comps[n] = Component(offset=leaf[1], size=leaf[0])
         if (1 << n) & DYNAMIC_FEATURES:
             dynamic |= 1 << n
-    ends = [LEGACY_SIZE] + [c.offset + c.size for n, c in comps.items() if not dynamic >> n & 1]
+    ends = [MIN_XSTATE_SIZE] + [c.offset + c.size for n, c in comps.items() if not dynamic >> n & 1]
     user_size = max(ends)
     max_user = max([user_size] + [c.offset + c.size for c in comps.values()])
     if d0[1] != max_user:
@@ -614,7 +615,7 @@ def baseline(
             where = ", ".join(f"{p.name}: {p.xsave.components[n].offset}" for p in profiles)
             notes.append(f"{component_name(n)} offsets disagree ({where}): frames using it are refused")
     user_size = min(p.xsave.user_size for p in profiles)
-    static_end = max([LEGACY_SIZE] + [c.offset + c.size for n, c in comps.items() if n != 18])
+    static_end = max([MIN_XSTATE_SIZE] + [c.offset + c.size for n, c in comps.items() if n != XTILEDATA])
     if user_size < static_end:
         notes.append(f"smallest user size {user_size} is below the common components' end {static_end}")
         user_size = static_end

@@ -26,8 +26,8 @@ from criu_xstate.plan.frame_rules import (
     STATE_RULES,
 )
 from criu_xstate.plan.thread_rules import ABSENT_COMPONENT_RULES, STACK_RULES, THREAD_RULES
-from criu_xstate.x86.sigframe import XSAVE_HEADER_OFFSET
 from criu_xstate.x86.xfeatures import INIT_PKRU, INTEL_OFFSETS
+from criu_xstate.x86.xsave import XSAVE_HEADER_OFFSET
 from tests.test_plan_rules import (
     ICX,
     SMALL,

@@ -4,7 +4,6 @@ whether it holds data, PKRU, and the destination they are judged against (docs/p
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -12,6 +11,7 @@ from criu_xstate.frames import SignalFrame
 from criu_xstate.plan.inputs import HostFacts, SourceFacts
 from criu_xstate.plan.layout import infer_source_offsets
 from criu_xstate.x86.xfeatures import PKRU, bits, component_name, state_bytes
+from criu_xstate.x86.xsave import XsaveImage
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def frame_pkru(frame: SignalFrame, offsets: Mapping[int, tuple[int, int]]) -> in
     if not (frame.xstate_bv or 0) >> PKRU & 1 or PKRU not in offsets:
         return None
     off = offsets[PKRU][0]
-    return int(struct.unpack_from("<I", frame.image, off)[0])
+    return XsaveImage(frame.image).u32(off)
 
 
 def frame_facts(

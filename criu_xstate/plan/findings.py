@@ -157,4 +157,3 @@ class Plan:
         if worst is Severity.TRANSLATE:
             return Verdict.TRANSLATE
         return Verdict.COMPATIBLE
-

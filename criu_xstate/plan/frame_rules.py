@@ -2,8 +2,8 @@
 reason codes"). Each check is the destination kernel's own behaviour (research/kernel.md §3, §6, §7;
 docs/plan-rules.md):
 
-* ``576 <= xstate_size <= dest user_size`` and magic2 at ``fpstate + xstate_size`` (or, on 6.15 ..
-  7.1-rc5 kernels without the revert, at ``fpstate + dest user_size``), else silent FX-only restore;
+* ``MIN_XSTATE_SIZE <= xstate_size <= dest user_size`` and magic2 at ``fpstate + xstate_size`` (or, on
+  6.15 .. 7.1-rc5 kernels without the revert, at ``fpstate + dest user_size``), else silent FX-only restore;
 * ``xstate_bv`` outside the destination XCR0, non-zero ``xcomp_bv``/reserved header bytes, or MXCSR
   bits outside the destination MXCSR_MASK: SIGSEGV;
 * components sit at the *destination's* standard offsets, or they are read from the wrong place;
@@ -20,10 +20,9 @@ from criu_xstate.frames import Abi
 from criu_xstate.plan.facts import ComponentState, FrameFacts
 from criu_xstate.plan.findings import FrameAction, FrameDecision, Hit, Rule, Severity
 from criu_xstate.plan.target import Target
-from criu_xstate.x86.sigframe import XSAVE_HEADER_OFFSET
 from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, XTILEDATA
+from criu_xstate.x86.xsave import XCOMP_BV_COMPACTED, XsaveImage, image_bytes
 
-XCOMP_BV_COMPACTED = 1 << 63
 APPLY = "criu-xstate apply"
 
 FrameRule = Rule[FrameFacts, None]
@@ -32,8 +31,8 @@ SizeRule = Rule[FrameFacts, Target]
 Ia32Rule = Rule[FrameFacts, FrameDecision]
 
 
-def _header(f: FrameFacts) -> bytes:
-    return f.frame.image[XSAVE_HEADER_OFFSET : XSAVE_HEADER_OFFSET + 64]
+def _image(f: FrameFacts) -> XsaveImage:
+    return XsaveImage(f.frame.image)
 
 
 # --- gates: after one of these nothing else about the frame can be judged -----------------------------
@@ -251,7 +250,7 @@ STATE_RULES: tuple[FrameRule, ...] = (
 
 
 def _header_reserved(f: FrameFacts, _: None) -> Hit | None:
-    if not (f.frame.xcomp_bv or 0) and not any(_header(f)[16:24]):
+    if not (f.frame.xcomp_bv or 0) and not any(_image(f).header_reserved_checked):
         return None
     return Hit("xcomp_bv or reserved header bytes 16..23 are not zero: XRSTOR faults (SIGSEGV)")
 
@@ -316,10 +315,10 @@ def _relocation_refused(f: FrameFacts, t: Target) -> Hit | None:
     if not t.relocate or f.allow_relocation:
         return None
     return Hit(
-        f"the destination image needs {t.size + 4} bytes but the frame has {t.capacity} in place, and "
-        "relocation is off",
+        f"the destination image needs {image_bytes(t.size)} bytes but the frame has {t.capacity} in place, "
+        "and relocation is off",
         source=t.capacity,
-        dest=t.size + 4,
+        dest=image_bytes(t.size),
     )
 
 
@@ -327,10 +326,10 @@ def _relocated(f: FrameFacts, t: Target) -> Hit | None:
     if not t.relocate or not f.allow_relocation:
         return None
     return Hit(
-        f"the destination image needs {t.size + 4} bytes but the frame has {t.capacity} in place: it moves "
-        "to new memory and the fpstate pointer is rewritten",
+        f"the destination image needs {image_bytes(t.size)} bytes but the frame has {t.capacity} in place: "
+        "it moves to new memory and the fpstate pointer is rewritten",
         source=t.capacity,
-        dest=t.size + 4,
+        dest=image_bytes(t.size),
     )
 
 
@@ -350,7 +349,7 @@ def _ia32_needs_change(f: FrameFacts, d: FrameDecision) -> Hit | None:
     stricter compat sigreturn path (kernel.md §3.1) are not translated."""
     if f.frame.abi is Abi.X86_64:
         return None
-    if d.action is FrameAction.KEEP and not any(_header(f)[16:]):
+    if d.action is FrameAction.KEEP and not any(_image(f).header_reserved):
         return None
     needs = ", ".join(sorted({x.code for x in d.findings if x.severity >= Severity.TRANSLATE}))
     why = needs or "non-zero reserved XSAVE header bytes (the compat path rejects them)"

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from criu_xstate import hosts
 from criu_xstate.frames import SignalFrame
-from criu_xstate.x86.xfeatures import bits, implied_flags
+from criu_xstate.x86.xfeatures import implied_flags
+from criu_xstate.x86.xsave import MIN_XSTATE_SIZE, layout_end
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,8 @@ class HostFacts:
         return self.xcr0 & ~self.dynamic
 
     def size_for(self, mask: int) -> int:
-        """End of the highest-placed component of ``mask`` (at least the 576-byte legacy+header)."""
-        end = 576
-        for n in bits(mask):
-            if n >= 2 and n in self.offsets:
-                off, size = self.offsets[n]
-                end = max(end, off + size)
-        return end
+        """End of the highest-placed component of ``mask`` this host has (at least MIN_XSTATE_SIZE)."""
+        return layout_end(self.offsets, mask, skip_missing=True) or MIN_XSTATE_SIZE
 
 
 @dataclass(frozen=True)

@@ -10,18 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from criu_xstate.x86.xfeatures import AMD_OFFSETS, APX, BNDREGS, INTEL_OFFSETS, LEGACY, XTILEDATA, bits
+from criu_xstate.x86.xsave import layout_end
 
-
-def _layout_end(offsets: Mapping[int, tuple[int, int]], mask: int) -> int | None:
-    end = 576
-    for n in bits(mask):
-        if n < 2:
-            continue
-        if n not in offsets:
-            return None
-        off, size = offsets[n]
-        end = max(end, off + size)
-    return end
+_layout_end = layout_end  # unknown components make the end unknown (None)
 
 
 def _restricted(table: Mapping[int, tuple[int, int]], mask: int) -> dict[int, tuple[int, int]]:

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 from criu_xstate.frames import SignalFrame
 from criu_xstate.plan.facts import ComponentState, FrameFacts
+from criu_xstate.x86.sigframe import RED_ZONE
 from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, PKRU, XTILEDATA
+from criu_xstate.x86.xsave import XSAVE_ALIGN, image_bytes
 
-RED_ZONE = 128  # bytes below the interrupted SP that the frame never overlaps (x86-64 ABI)
-MAX_PADDING = 64  # the kernel aligns fpstate to 64 bytes, so it leaves at most 63 bytes above the image
+MAX_PADDING = XSAVE_ALIGN  # fpstate is 64-byte aligned: at most 63 bytes lie above the image
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ def in_place_capacity(frame: SignalFrame) -> int:
     the kernel left is between the end of the image and that limit, at most 63 bytes.
     """
     assert frame.sw is not None and frame.xsave_address is not None
-    used = frame.sw.xstate_size + 4
+    used = image_bytes(frame.sw.xstate_size)
     limit = frame.interrupted_sp - RED_ZONE
     pad = limit - (frame.xsave_address + used)
     if 0 <= pad < MAX_PADDING:
@@ -69,7 +70,7 @@ def target_size(facts: FrameFacts, keep: int, capacity: int) -> int:
     assert facts.frame.sw is not None
     if dest.sigreturn == "user-size" and facts.frame.sw.xstate_size != dest.user_size:
         return dest.user_size
-    if dest.user_size + 4 <= capacity:
+    if image_bytes(dest.user_size) <= capacity:
         return dest.user_size
     return dest.size_for(keep)
 
@@ -78,4 +79,4 @@ def choose_target(facts: FrameFacts) -> Target:
     keep = keep_mask(facts)
     capacity = in_place_capacity(facts.frame)
     size = target_size(facts, keep, capacity)
-    return Target(keep, carried_pkru(facts), size, capacity, size + 4 > capacity)
+    return Target(keep, carried_pkru(facts), size, capacity, image_bytes(size) > capacity)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from criu_xstate.x86.layout import Field, Struct
 
 # Re-exported for plan.py until it imports criu_xstate.x86.xsave itself.
-from criu_xstate.x86.xsave import XSAVE_HEADER_OFFSET as XSAVE_HEADER_OFFSET
 
 _MCONTEXT = 48  # uc.uc_mcontext (struct sigcontext_64) inside struct rt_sigframe
 

@@ -3,15 +3,12 @@ two vendor layouts, the bytes that hold architectural state, and the CPU flags b
 
 from __future__ import annotations
 
-from criu_xstate.x86.xsave import MIN_XSTATE_SIZE
-
 X87, SSE, AVX, BNDREGS, BNDCSR, OPMASK, ZMM_HI256, HI16_ZMM, PKRU = 0, 1, 2, 3, 4, 5, 6, 7, 9
 XTILECFG, XTILEDATA, APX = 17, 18, 19
 LEGACY = (1 << X87) | (1 << SSE)  # live in the 512-byte legacy area, always restored
 SUPERVISOR = sum(1 << n for n in (8, 10, 11, 12, 13, 14, 15, 16))  # never in a signal frame
 DYNAMIC = 1 << XTILEDATA  # needs ARCH_REQ_XCOMP_PERM; excluded from a new task's default size
 INIT_PKRU = 0x55555554  # Linux init_pkru_value: access disabled for keys 1..15
-LEGACY_SIZE = MIN_XSTATE_SIZE  # legacy area + XSAVE header: the smallest xstate_size
 
 COMPONENT_NAMES = {
     X87: "x87",
