@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 from tests.realcriu import CACHE, criu_path
-from tests.runtimes import RuncContainer
+from tests.runtimes import RuncContainer, clean_env
 
 CRUN = CACHE / "crun-1.21" / "crun"
 
 
 def crun(*args: str, config: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{criu_path().parent}:{os.environ['PATH']}"}
-    env.pop("CRIU_CONFIG_FILE", None)
+    env = {**clean_env(), "PATH": f"{criu_path().parent}:{os.environ['PATH']}"}
     if config:
         env["CRIU_CONFIG_FILE"] = config
     return subprocess.run(

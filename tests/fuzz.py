@@ -31,6 +31,7 @@ CORPUS = REPO / "tests" / "fuzz" / "corpus"
 PROFILES = REPO / "criu_xstate" / "data" / "hosts"
 DEST = str(PROFILES / "amd-zen4.yaml")
 TIMEOUT = 10
+MAX_SAVED = 20  # findings saved per campaign: a broken tree must not flood the corpus
 
 
 class Hang(Exception):
@@ -217,8 +218,9 @@ def campaign(work: Path, seconds: float, seed: int) -> Stats:
         stats.inputs += 1
         stats.by_target[kind] = stats.by_target.get(kind, 0) + 1
         if problem:
-            saved = _save(kind, name, data)
-            stats.findings.append(f"{problem} (saved as {saved.name})")
+            if len(stats.findings) < MAX_SAVED:
+                problem += f" (saved as {_save(kind, name, data).name})"
+            stats.findings.append(problem)
     return stats
 
 

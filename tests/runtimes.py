@@ -42,6 +42,14 @@ def _run_logged(
     return r
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without criu-xstate's and CRIU's own variables: a runtime test
+    configures the hook only through the files it installs, never by accident through a variable."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("CRIU_XSTATE_", "CRIU_CONFIG", "CRTOOLS_"))
+    }
+
+
 def skip_reason() -> str | None:
     reason = criu_skip_reason()
     if reason:
@@ -72,7 +80,7 @@ class RuncContainer:
         return self.bundle / "rootfs" / "out"
 
     def _runc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ}
+        env = clean_env()
         if self.criu_config is not None:
             env["CRIU_CONFIG_FILE"] = str(self.criu_config)
         cmd = ["runc", "--criu", str(criu_path()), *args]
@@ -216,7 +224,7 @@ class Podman:
             *args,
         ]
         env = {
-            **os.environ,
+            **clean_env(),
             "CONTAINERS_CONF": str(self.root / "containers.conf"),
             "PATH": f"{self.root / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
         }

@@ -97,6 +97,7 @@ class Scenario:
     prepare: Callable[[Path], None]  # bring a fresh copy of the fixture to the state before the command
     argv: Callable[[Path], list[str]]
     fixture: Path = FIXTURE
+    env: Callable[[Path], dict[str, str]] = lambda ck: {}
 
 
 def _apply(ck: Path, host: str) -> list[str]:
@@ -117,9 +118,7 @@ def _applied_twice(ck: Path) -> None:
 
 
 def _hook(ck: Path, host: str) -> list[str]:
-    os.environ.update(
-        CRTOOLS_SCRIPT_ACTION="pre-restore", CRTOOLS_IMAGE_DIR=str(ck), CRIU_XSTATE_DEST=str(HOSTS / host)
-    )
+    """The hook as CRIU runs it: its environment is set by the test (``Scenario.env``)."""
     return ["hook"]
 
 
@@ -127,13 +126,22 @@ SCENARIOS = [
     Scenario("first apply", _nothing, lambda ck: _apply(ck, IN_PLACE)),
     Scenario("first apply, relocating", _nothing, lambda ck: _apply(ck, RELOCATING)),
     Scenario("second apply, other host", _applied, lambda ck: _apply(ck, RELOCATING)),
-    Scenario("hook after a manual apply", _applied, lambda ck: _hook(ck, RELOCATING)),
+    Scenario(
+        "hook after a manual apply",
+        _applied,
+        lambda ck: _hook(ck, RELOCATING),
+        env=lambda ck: {
+            "CRTOOLS_SCRIPT_ACTION": "pre-restore",
+            "CRTOOLS_IMAGE_DIR": str(ck),
+            "CRIU_XSTATE_DEST": str(HOSTS / RELOCATING),
+        },
+    ),
     Scenario("third apply, relocated frames back", _applied_twice, lambda ck: _apply(ck, IN_PLACE)),
     Scenario("undo after two applies", _applied_twice, lambda ck: ["undo", str(ck)]),
 ]
 # The same on every other real dump with live frames (slow suite only).
 MORE = [
-    Scenario(f"{s.name} [{fixture}]", s.prepare, s.argv, FIXTURE.parent / fixture)
+    Scenario(f"{s.name} [{fixture}]", s.prepare, s.argv, FIXTURE.parent / fixture, s.env)
     for fixture in ("siginfo", "nested", "altstack", "plain")
     for s in SCENARIOS
 ]
@@ -211,8 +219,8 @@ def _points(total: int, every: int) -> range:
 def test_a_fault_at_any_point_never_loses_the_checkpoint(
     tmp_path: Path, scenario: Scenario, every: int, quiet_capsys: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for var in ("CRTOOLS_SCRIPT_ACTION", "CRTOOLS_IMAGE_DIR", "CRIU_XSTATE_DEST"):
-        monkeypatch.delenv(var, raising=False)  # _hook sets them; monkeypatch restores them
+    for var, value in scenario.env(tmp_path / "case" / "ck").items():
+        monkeypatch.setenv(var, value)  # restored when the test ends: nothing leaks into later tests
     original = snapshot(scenario.fixture)
     ck, outside = _case(tmp_path / "case", scenario)
     before, journal_before = snapshot(ck), journal_state(ck)
