@@ -20,10 +20,9 @@ from criu_xstate.images.addrspace import PAGE, PE_PRESENT, VMA_ANON_PRIVATE, VMA
 from criu_xstate.images.framing import CORE, MM, Pagemap, encode_image
 from criu_xstate.images.pb import core_pb2, mm_pb2, pagemap_pb2
 from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
-from criu_xstate.plan import FrameAction, HostFacts, Plan, ThreadState
+from criu_xstate.plan import FrameAction, HostFacts, Plan
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 from criu_xstate.translate import MemoryPatch, Relocation, frame_patches, pointer_patch
-from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, PKRU
 from criu_xstate.x86.xsave import align_up
 
 TASK_SIZE = 0x7FFFFFFFF000
@@ -41,27 +40,15 @@ class ChangeSet:
     cores_rewritten: int = 0
 
 
-def _core_change(proc: Process, state: ThreadState, dest: HostFacts) -> FileWrite | None:
-    """Drop from core-<tid>.img the components in their init state that the destination lacks.
-
-    CRIU would skip them anyway (it restores only what the host has); rewriting says so in the image
-    instead of relying on it. Components in use never get here: the plan refused them.
-    """
-    if state.xstate_bv is None:
-        return None
-    drop = 0
-    for n in range(2, 64):
-        if not state.xstate_bv >> n & 1 or dest.xcr0 >> n & 1:
-            continue
-        if n in state.in_use and not (n == PKRU and state.pkru in (0, INIT_PKRU)):
-            return None  # refused by the plan; never drop live state
-        drop |= 1 << n
-    drop &= ~LEGACY
+def _core_change(proc: Process, tid: int, drop: int) -> FileWrite | None:
+    """Leave out of core-<tid>.img the components the plan decided to drop (``ThreadPlan.core_drop``:
+    in their init state and absent on the destination). CRIU would skip them anyway; rewriting says so
+    in the image instead of relying on it."""
     if not drop:
         return None
-    path = proc.checkpoint.path_of(f"core-{state.tid}.img")
+    path = proc.checkpoint.path_of(f"core-{tid}.img")
     core = core_pb2.core_entry()
-    core.CopyFrom(proc.checkpoint.core(state.tid))
+    core.CopyFrom(proc.checkpoint.core(tid))
     xs = core.thread_info.fpregs.xsave
     xs.xstate_bv = int(xs.xstate_bv) & ~drop
     for n, name in XSAVE_FIELDS.items():
@@ -178,7 +165,11 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
         more, (start, end) = _relocate(procs[pid], rs)
         changes += more
         vmas.append((pid, start, end))
-    cores = [c for t in plan.threads if (c := _core_change(procs[t.state.pid], t.state, dest)) is not None]
+    cores = [
+        c
+        for t in plan.threads
+        if (c := _core_change(procs[t.state.pid], t.state.tid, t.core_drop)) is not None
+    ]
     if changes:  # only alongside a real translation: on its own CRIU already ignores these components
         changes += cores
     else:

@@ -288,3 +288,22 @@ def test_isa_flags_implied_by_frames() -> None:
     warn = make_plan([(state, [f])], dest, src)
     assert [x.code for x in warn.findings] == ["ISA_FLAGS_MISSING"] and warn.verdict is Verdict.TRANSLATE
     assert make_plan([(state, [f])], dest, src, strict_isa=True).verdict is Verdict.REFUSE
+
+
+def test_the_plan_decides_what_leaves_core_images() -> None:
+    """changeset only reads ThreadPlan.core_drop: init-state components the destination lacks."""
+    from criu_xstate.model import ThreadState, ThreadXsave
+    from criu_xstate.plan import make_plan
+    from criu_xstate.plan.inputs import HostFacts
+    from criu_xstate.x86.xfeatures import INIT_PKRU
+
+    dest = HostFacts("avx-only", 0x7, 832, 0xFFFF, {2: (576, 256)})
+
+    def drop_for(in_use: frozenset[int], pkru: int | None) -> int:
+        xsave = ThreadXsave(0x2E7, in_use, pkru, 0x1F80)
+        plan = make_plan([(ThreadState(1, 1, False, xsave, ()), ())], dest)
+        return plan.threads[0].core_drop
+
+    assert drop_for(frozenset({2}), INIT_PKRU) == 0x2E0  # opmask, ZMM_Hi256, Hi16_ZMM, PKRU (default)
+    assert drop_for(frozenset({2, 5}), INIT_PKRU) == 0  # opmask holds data: refused, nothing dropped
+    assert drop_for(frozenset({2, 9}), 0x12345678) == 0  # keys in use: refused, nothing dropped

@@ -121,6 +121,7 @@ class ThreadPlan:
     state: ThreadState
     frames: tuple[FrameDecision, ...]
     findings: tuple[Finding, ...]
+    core_drop: int = 0  # components to leave out of core-<tid>.img alongside a translation (thread_rules)
 
     @property
     def action(self) -> str:

@@ -24,7 +24,13 @@ from criu_xstate.plan.findings import (
 )
 from criu_xstate.plan.inputs import HostFacts, SourceFacts, with_frame_flags
 from criu_xstate.plan.target import choose_target
-from criu_xstate.plan.thread_rules import ABSENT_COMPONENT_RULES, STACK_RULES, THREAD_RULES, ThreadFacts
+from criu_xstate.plan.thread_rules import (
+    ABSENT_COMPONENT_RULES,
+    STACK_RULES,
+    THREAD_RULES,
+    ThreadFacts,
+    core_drop,
+)
 from criu_xstate.x86.xfeatures import PKRU
 
 
@@ -105,7 +111,8 @@ def make_plan(
         decisions = tuple(
             plan_frame(f, dest, source, allow_relocation=allow_relocation) for f in frames if f.live
         )
-        plans.append(ThreadPlan(state, decisions, tuple(plan_thread_state(state, dest))))
+        drop = core_drop(ThreadFacts(state, dest)) if state.xstate_bv is not None else 0
+        plans.append(ThreadPlan(state, decisions, tuple(plan_thread_state(state, dest)), drop))
     general = list(extra)
     c = CheckpointFacts(dest, source, strict_isa)
     run_rules(CHECKPOINT_RULES, c, None, c.subject, general)

@@ -30,6 +30,17 @@ class ThreadFacts:
         return [n for n in bits(bv & ~LEGACY) if not self.dest.xcr0 >> n & 1]
 
 
+def core_drop(t: ThreadFacts) -> int:
+    """The decision for core-<tid>.img: the components (beyond x87/SSE) the destination lacks, dropped
+    from the image only when every one of them is in its init state (PKRU: its default value). 0 when
+    any holds data: the rules below refuse that thread, and live state is never dropped."""
+    absent = t.absent_components()
+    for n in absent:
+        if n in t.state.in_use and not (n == PKRU and t.state.pkru in (0, INIT_PKRU)):
+            return 0
+    return sum(1 << n for n in absent)
+
+
 def _compat(t: ThreadFacts, _: None) -> Hit | None:
     if not t.state.compat:
         return None
