@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from criu_xstate.changeset import ChangeSet, build_changeset
-from criu_xstate.commands.planning import Destination, load_source, plan_for
+from criu_xstate.commands.planning import load_source, plan_for
 from criu_xstate.errors import ApplyError, VerifyError
 from criu_xstate.images import open_checkpoint
 from criu_xstate.images.archive_out import write_archive
 from criu_xstate.images.checkpoint import is_archive
 from criu_xstate.model import CheckpointModel, load_model
 from criu_xstate.overlay import write_overlay
-from criu_xstate.plan import Plan, Severity, Verdict
+from criu_xstate.plan import HostFacts, Plan, Severity, Verdict
 from criu_xstate.transaction import JOURNAL, Change, journal_state, transaction
 
 
@@ -46,12 +46,12 @@ class Outcome:
         return self.changeset is not None and bool(self.changeset.changes)
 
 
-def _plan(model: CheckpointModel, dest: Destination, opts: Options, *, relocate: bool) -> Plan:
+def _plan(model: CheckpointModel, dest: HostFacts, opts: Options, *, relocate: bool) -> Plan:
     source = load_source(opts.src, model)
-    return plan_for(model, dest.facts, source, allow_relocation=relocate, strict_isa=opts.strict_isa)
+    return plan_for(model, dest, source, allow_relocation=relocate, strict_isa=opts.strict_isa)
 
 
-def verify_compatible(images: Path, dest: Destination, opts: Options) -> None:
+def verify_compatible(images: Path, dest: HostFacts, opts: Options) -> None:
     """Re-read ``images`` from disk and re-plan: anything but ``compatible`` is a failed translation."""
     with open_checkpoint(images) as ck:
         again = _plan(load_model(ck), dest, opts, relocate=False)
@@ -63,7 +63,7 @@ def verify_compatible(images: Path, dest: Destination, opts: Options) -> None:
 
 
 def apply_in_place(
-    images: Path, dest: Destination, opts: Options, description: str, *, write: bool = True
+    images: Path, dest: HostFacts, opts: Options, description: str, *, write: bool = True
 ) -> Outcome:
     """Plan ``images`` for ``dest`` and, if it needs translating and ``write``, translate it in place."""
     with transaction(images) as tx:
@@ -73,7 +73,7 @@ def apply_in_place(
             plan = _plan(model, dest, opts, relocate=opts.allow_relocation)
             if plan.verdict is not Verdict.TRANSLATE or not write:
                 return Outcome(plan)
-            cs = build_changeset(model, plan, dest.facts)
+            cs = build_changeset(model, plan, dest)
         written = tx.apply(cs.changes, description, verify=lambda: verify_compatible(images, dest, opts))
         return Outcome(plan, cs, written)
 
@@ -91,7 +91,7 @@ def _check_out(out: Path, archive: bool) -> None:
         raise ApplyError(f"{out.parent}: cannot create: {exc.strerror}") from None
 
 
-def apply_to_copy(src: Path, out: Path, dest: Destination, opts: Options, *, self_contained: bool) -> Outcome:
+def apply_to_copy(src: Path, out: Path, dest: HostFacts, opts: Options, *, self_contained: bool) -> Outcome:
     """Write a translated copy of ``src`` to ``out``; ``src`` is never written.
 
     A directory gives a directory: an incremental image over ``src`` unless ``self_contained``. An
@@ -108,7 +108,7 @@ def apply_to_copy(src: Path, out: Path, dest: Destination, opts: Options, *, sel
         plan = _plan(model, dest, opts, relocate=opts.allow_relocation)
         if plan.verdict is Verdict.REFUSE:
             return Outcome(plan)
-        cs = build_changeset(model, plan, dest.facts) if plan.verdict is Verdict.TRANSLATE else None
+        cs = build_changeset(model, plan, dest) if plan.verdict is Verdict.TRANSLATE else None
         changes = cs.changes if cs is not None else []
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.criu-xstate-tmp-", dir=out.parent))
         try:

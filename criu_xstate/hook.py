@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from criu_xstate.errors import ApplyError, ExitCode
 
 if TYPE_CHECKING:  # imported lazily at run time: other actions must cost nothing
-    from criu_xstate.commands.planning import Destination
     from criu_xstate.hookconfig import HookConfig
+    from criu_xstate.plan import HostFacts
 
 
 def _say(msg: str) -> None:
@@ -54,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     return _pre_restore(os.path.realpath(image_dir), config)
 
 
-def _destination(dest: str) -> Destination:
+def _destination(dest: str) -> HostFacts:
     import socket
 
     from criu_xstate import hosts, profiles
-    from criu_xstate.commands.planning import Destination, facts_from_profile
+    from criu_xstate.plan import facts_from_profile
 
     if dest == "probe":
         profile = hosts.probe_local(socket.gethostname())
@@ -67,7 +67,7 @@ def _destination(dest: str) -> Destination:
             profile = hosts.load_profile(Path(profiles.resolve(dest)))
         except argparse.ArgumentTypeError as exc:
             raise ApplyError(f"hook config dest: {exc}") from None
-    return Destination(profile.name, facts_from_profile(profile))
+    return facts_from_profile(profile)
 
 
 def _pre_restore(image_dir: str, config: HookConfig) -> int:

@@ -9,15 +9,15 @@ from pathlib import Path
 
 from criu_xstate.applying import Options, Outcome, apply_in_place, apply_to_copy
 from criu_xstate.commands.common import use_colour
-from criu_xstate.commands.planning import Destination, load_destinations
+from criu_xstate.commands.planning import load_destinations
 from criu_xstate.errors import ApplyError, ExitCode
 from criu_xstate.images.checkpoint import is_archive
-from criu_xstate.plan import Verdict
+from criu_xstate.plan import HostFacts, Verdict
 from criu_xstate.report import dumps, plan_json, render_plan_text
 from criu_xstate.transaction import transaction
 
 
-def _single_dest(args: argparse.Namespace) -> Destination:
+def _single_dest(args: argparse.Namespace) -> HostFacts:
     dests = load_destinations(args.dest)
     if len(dests) != 1:
         raise ApplyError(

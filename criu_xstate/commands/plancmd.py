@@ -21,9 +21,7 @@ def run(args: argparse.Namespace) -> int:
         plans = [
             (
                 d.name,
-                plan_for(
-                    model, d.facts, source, allow_relocation=not args.no_relocate, strict_isa=args.strict_isa
-                ),
+                plan_for(model, d, source, allow_relocation=not args.no_relocate, strict_isa=args.strict_isa),
             )
             for d in dests
         ]

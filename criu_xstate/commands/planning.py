@@ -7,7 +7,6 @@ the hook.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from criu_xstate import hosts
@@ -21,21 +20,12 @@ from criu_xstate.plan import (
     source_facts,
 )
 
-__all__ = ["Destination", "facts_from_profile", "load_destinations", "load_source", "plan_for"]
+__all__ = ["facts_from_profile", "load_destinations", "load_source", "plan_for"]
 
 
-@dataclass(frozen=True)
-class Destination:
-    name: str
-    facts: HostFacts
-
-
-def load_destinations(paths: Sequence[str]) -> list[Destination]:
-    out: list[Destination] = []
-    for p in paths:
-        for profile in hosts.load_profiles(Path(p)):
-            out.append(Destination(profile.name, facts_from_profile(profile)))
-    return out
+def load_destinations(paths: Sequence[str]) -> list[HostFacts]:
+    """The plan's one host type (HostFacts, which carries the host's name) for every profile named."""
+    return [facts_from_profile(profile) for p in paths for profile in hosts.load_profiles(Path(p))]
 
 
 def load_source(path: str | None, model: CheckpointModel) -> SourceFacts | None:
