@@ -15,17 +15,18 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from criu_xstate.changeset import ChangeSet, build_changeset
 from criu_xstate.commands.planning import load_source, plan_for
 from criu_xstate.errors import ApplyError, VerifyError
 from criu_xstate.images import open_checkpoint
-from criu_xstate.images.archive_out import write_archive
 from criu_xstate.images.checkpoint import is_archive
 from criu_xstate.model import CheckpointModel, load_model
-from criu_xstate.overlay import write_overlay
 from criu_xstate.plan import HostFacts, Plan, Severity, Verdict
 from criu_xstate.transaction import JOURNAL, Change, journal_state, transaction
+
+if TYPE_CHECKING:  # the writers are imported when something is written: the hook's common case is not
+    from criu_xstate.changeset import ChangeSet
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ def apply_in_place(
             plan = _plan(model, dest, opts, relocate=opts.allow_relocation)
             if plan.verdict is not Verdict.TRANSLATE or not write:
                 return Outcome(plan)
+            from criu_xstate.changeset import build_changeset
+
             cs = build_changeset(model, plan, dest)
         written = tx.apply(cs.changes, description, verify=lambda: verify_compatible(images, dest, opts))
         return Outcome(plan, cs, written)
@@ -108,6 +111,10 @@ def apply_to_copy(src: Path, out: Path, dest: HostFacts, opts: Options, *, self_
         plan = _plan(model, dest, opts, relocate=opts.allow_relocation)
         if plan.verdict is Verdict.REFUSE:
             return Outcome(plan)
+        from criu_xstate.changeset import build_changeset
+        from criu_xstate.images.archive_out import write_archive
+        from criu_xstate.overlay import write_overlay
+
         cs = build_changeset(model, plan, dest) if plan.verdict is Verdict.TRANSLATE else None
         changes = cs.changes if cs is not None else []
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.criu-xstate-tmp-", dir=out.parent))
