@@ -7,10 +7,11 @@ import sys
 
 from criu_xstate.commands.common import opened_model, refuse_if_interrupted, use_colour
 from criu_xstate.commands.planning import load_destinations, load_source, plan_for
+from criu_xstate.errors import ExitCode
 from criu_xstate.plan import Verdict
 from criu_xstate.report import dumps, plan_json, plans_json, render_multi_text, render_plan_text
 
-EXIT_FOR = {Verdict.COMPATIBLE: 0, Verdict.TRANSLATE: 0, Verdict.REFUSE: 1}
+EXIT_FOR = {Verdict.COMPATIBLE: ExitCode.OK, Verdict.TRANSLATE: ExitCode.OK, Verdict.REFUSE: ExitCode.REFUSED}
 
 
 def run(args: argparse.Namespace) -> int:
