@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from criu_xstate import safeyaml
 from criu_xstate.errors import ProfileError
 from criu_xstate.x86.cpuid import RawFacts
@@ -321,6 +319,8 @@ def dump_profile(p: HostProfile, *, as_json: bool = False) -> str:
     data = profile_to_dict(p)
     if as_json:
         return json.dumps(data, indent=2) + "\n"
+    import yaml  # only when a profile is written: the hook's start-up does not pay for it
+
     return str(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100))
 
 
