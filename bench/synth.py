@@ -19,7 +19,12 @@ STACK_SIZE = 64 * 1024
 SA_SIGINFO_RESTORER = 0x04000004
 
 
-def build(dest: Path, threads: int, big_gib: float) -> dict[str, int]:
+CRIU_ENTRY_PAGES = 256  # CRIU 4.1.1 writes one pagemap entry per MiB of a large mapping
+
+
+def build(dest: Path, threads: int, big_gib: float, *, criu_shaped: bool = False) -> dict[str, int]:
+    """``criu_shaped``: the big mapping as CRIU writes it (one pagemap entry per MiB), so that costs
+    which grow with pagemap entries (and so with memory) show; else one entry for the whole mapping."""
     dest.mkdir(parents=True, exist_ok=True)
     pid = 1000
     tids = [pid + i for i in range(threads)]
@@ -41,7 +46,11 @@ def build(dest: Path, threads: int, big_gib: float) -> dict[str, int]:
     (dest / f"mm-{pid}.img").write_bytes(encode_image(MM.head, MM.magic, [mm.SerializeToString()]))
 
     head = pagemap_pb2.pagemap_head(pages_id=1)
-    entries = [pagemap_pb2.pagemap_entry(vaddr=BIG_START, nr_pages=big_pages, flags=4)]
+    step = CRIU_ENTRY_PAGES if criu_shaped else big_pages
+    entries = [
+        pagemap_pb2.pagemap_entry(vaddr=BIG_START + i * PAGE, nr_pages=min(step, big_pages - i), flags=4)
+        for i in range(0, big_pages, max(step, 1))
+    ]
     for lo, _hi in sorted(stacks):
         entries.append(pagemap_pb2.pagemap_entry(vaddr=lo, nr_pages=STACK_SIZE // PAGE, flags=4))
     payloads = [head.SerializeToString(), *(e.SerializeToString() for e in entries)]
