@@ -8,7 +8,6 @@ every member is checked first: no absolute paths, no ``..``, no links, devices o
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import shutil
 import stat
@@ -16,24 +15,20 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from functools import cached_property
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
 from criu_xstate.errors import ImageError
-from criu_xstate.images import framing
+from criu_xstate.images import archive, framing
 from criu_xstate.images.addrspace import AddressSpace
 from criu_xstate.images.container import (
-    ARCHIVE_META_DIR,
-    MAX_META_BYTES,
-    META_FILES,
     ContainerMeta,
     read_container_meta,
 )
 from criu_xstate.images.pb import core_pb2, cpuinfo_pb2, inventory_pb2, mm_pb2, pstree_pb2
 
 MAX_PARENT_DEPTH = 64
-ARCHIVE_IMAGES = "checkpoint"
-MAX_ARCHIVE_MEMBER = 64 << 30
+ARCHIVE_IMAGES = archive.ARCHIVE_IMAGES
 
 
 class Checkpoint:
@@ -121,39 +116,7 @@ class Checkpoint:
             self.parent.close()
 
 
-def _safe_member(m: tarfile.TarInfo, archive: str) -> PurePosixPath | None:
-    """The member's path under ``checkpoint/`` if it is an image file we need; refuse hostile ones."""
-    name = PurePosixPath(m.name)
-    if name.is_absolute() or ".." in name.parts:
-        raise ImageError(archive, f"member {m.name!r} points outside the archive")
-    parts = [p for p in name.parts if p != "."]
-    if not parts or parts[0] != ARCHIVE_IMAGES or len(parts) < 2:
-        return None
-    rel = PurePosixPath(*parts[1:])
-    if m.issym() or m.islnk():
-        if rel.name == "parent":
-            raise ImageError(
-                archive, f"member {m.name!r}: incremental (parent) images inside archives are not supported"
-            )
-        raise ImageError(archive, f"member {m.name!r} is a link; refusing to follow it")
-    if m.isdir():
-        return None
-    if m.issparse():
-        raise ImageError(archive, f"member {m.name!r} is a sparse file: CRIU never writes one")
-    if not m.isreg():
-        raise ImageError(archive, f"member {m.name!r} is not a regular file")
-    if len(rel.parts) != 1:
-        return None  # nested directories under checkpoint/ are not images
-    if m.size > MAX_ARCHIVE_MEMBER:
-        raise ImageError(archive, f"member {m.name!r} is {m.size} bytes")
-    if not (rel.name.endswith(".img") or rel.name.startswith("stats-")):
-        return None
-    return rel
-
-
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC = b"\x1f\x8b"
-MAX_ARCHIVE_MEMBERS = 1_000_000  # a container checkpoint has a few hundred; each costs a header to read
+MAX_ARCHIVE_MEMBERS = 1 << 16  # a container checkpoint has a few hundred; each costs a header to read
 FREE_SPACE_MARGIN = 64 << 20
 
 
@@ -169,13 +132,12 @@ def archive_format(path: Path) -> str:
         head = os.pread(fd, 512, 0)
     finally:
         os.close(fd)
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if len(head) >= 262 and head[257:262] == b"ustar":
-        return "tar"
-    raise ImageError(path, "not a checkpoint archive (neither zstd, gzip nor tar content)")
+    fmt = archive.sniff(head)
+    if fmt is None:
+        known = next((n for m, n in archive.UNSUPPORTED_MAGICS.items() if head.startswith(m)), None)
+        why = f"{known} compression is not supported" if known else "neither zstd, gzip nor tar content"
+        raise ImageError(path, f"not a checkpoint archive ({why})")
+    return fmt
 
 
 def _open_archive(path: Path) -> tuple[tarfile.TarFile, IO[bytes]]:
@@ -207,64 +169,16 @@ def _room(into: Path) -> int:
 def extract_archive(path: Path, into: Path) -> None:
     """Extract the CRIU images of a checkpoint archive into ``into`` (already created, private).
 
-    Bounded: at most MAX_ARCHIVE_MEMBERS headers are read, sparse members are refused, and the images
-    extracted may never take more than the free space of ``into``'s filesystem (checked per member,
-    before it is written, from its declared size; a member that writes more than it declared is cut).
+    One streaming pass (:mod:`criu_xstate.images.archive`): at most MAX_ARCHIVE_MEMBERS headers, and the
+    images may not declare more than the free space of ``into``'s filesystem (checked before each member
+    is written) nor more than ``CRIU_XSTATE_MAX_EXTRACT`` bytes (64 GiB by default).
     """
-    tar, raw = _open_archive(path)
-    found = 0
-    budget = _room(into)
-    try:
-        with tar:
-            for count, m in enumerate(tar, 1):
-                if count > MAX_ARCHIVE_MEMBERS:
-                    raise ImageError(
-                        path, f"more than {MAX_ARCHIVE_MEMBERS} members: not a checkpoint archive"
-                    )
-                tar.members = []  # type: ignore[attr-defined]  # streaming: forget what was read
-                if m.name.lstrip("./") in META_FILES and m.isreg() and m.size <= MAX_META_BYTES:
-                    meta = into / ARCHIVE_META_DIR
-                    meta.mkdir(exist_ok=True)
-                    _extract_member(tar, m, meta / m.name.lstrip("./"), str(path))
-                    continue
-                rel = _safe_member(m, str(path))
-                if rel is None:
-                    continue
-                if m.size > budget:
-                    raise ImageError(
-                        path, f"member {m.name!r} needs {m.size} bytes, {budget} are free for extraction"
-                    )
-                budget -= m.size
-                _extract_member(tar, m, into / rel.name, str(path))
-                found += 1
-    except (tarfile.TarError, OSError, EOFError, io.UnsupportedOperation) as exc:
-        raise ImageError(path, f"corrupted archive: {_first_line(exc)}") from None
-    except Exception as exc:
-        if type(exc).__module__.startswith("zstandard"):
-            raise ImageError(path, f"corrupted zstd stream: {_first_line(exc)}") from None
-        raise
-    finally:
-        raw.close()
-    if not found:
+    fmt = archive_format(path)
+    limits = archive.Limits(
+        room=_room(into), members=MAX_ARCHIVE_MEMBERS, image_bytes=archive.image_bytes_from_env()
+    )
+    if not archive.extract(path, fmt, into, limits):
         raise ImageError(path, f"no CRIU images under {ARCHIVE_IMAGES}/ in the archive")
-
-
-def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, dest: Path, archive: str) -> None:
-    src = tar.extractfile(m)
-    if src is None:
-        return
-    try:
-        out = dest.open("xb")
-    except FileExistsError:
-        raise ImageError(archive, f"archive holds {m.name!r} twice") from None
-    with src, out:
-        left = m.size
-        while left > 0:
-            chunk = src.read(min(left, 1 << 20))
-            if not chunk:
-                raise ImageError(archive, f"member {m.name!r} is truncated")
-            out.write(chunk)
-            left -= len(chunk)
 
 
 def is_archive(path: Path) -> bool:
