@@ -221,6 +221,27 @@ def profile_from_dict(data: object, source: str) -> HostProfile:
     return profile
 
 
+# XSETBV raises #GP for these XCR0 values (Intel SDM vol. 1 §13.3, "Enabling the XSAVE feature set"):
+# a CPU never runs with them, so a profile that has one describes no host.
+_XCR0_ALL_OR_NONE = (
+    (0x18, "MPX (bits 3 and 4)"),
+    (0xE0, "AVX-512 (bits 5, 6 and 7)"),
+    (0x60000, "AMX (bits 17 and 18)"),
+)
+_XCR0_NEEDS = ((0x4, 0x2, "AVX (bit 2) needs SSE (bit 1)"), (0xE0, 0x4, "AVX-512 needs AVX (bit 2)"))
+
+
+def _check_xcr0_groups(xcr0: int, source: str) -> None:
+    for group, what in _XCR0_ALL_OR_NONE:
+        if xcr0 & group not in (0, group):
+            raise ProfileError(
+                source, f"xsave.xcr0 0x{xcr0:x} enables only part of {what}: XSETBV refuses it (SDM 13.3)"
+            )
+    for feature, needed, what in _XCR0_NEEDS:
+        if xcr0 & feature and not xcr0 & needed:
+            raise ProfileError(source, f"xsave.xcr0 0x{xcr0:x}: {what}; XSETBV refuses it (SDM 13.3)")
+
+
 def validate(p: HostProfile, source: str) -> None:
     xs = p.xsave
     if not xs.xcr0 & 0x3 == 0x3:
@@ -229,6 +250,7 @@ def validate(p: HostProfile, source: str) -> None:
         raise ProfileError(
             source, f"xsave.xcr0 0x{xs.xcr0:x} has reserved or supervisor bits (XCR0 holds user state only)"
         )
+    _check_xcr0_groups(xs.xcr0, source)
     for what, size in (("user_size", xs.user_size), ("max_user_size", xs.max_user_size)):
         if size > MAX_XSAVE_BYTES:
             raise ProfileError(

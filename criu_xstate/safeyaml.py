@@ -40,6 +40,43 @@ def read_text(path: Path, max_bytes: int = MAX_BYTES) -> str:
         raise ProfileError(path, "not UTF-8 text") from None
 
 
+class _MappingKeys:
+    """Refuses a key given twice in one mapping (``safe_load`` silently keeps the last one, so a second
+    ``name:`` or ``xcr0:`` further down would quietly win) and keys that are lists or mappings."""
+
+    def __init__(self, where: str | Path) -> None:
+        self.where = where
+        self.stack: list[tuple[set[str], list[bool]] | None] = []  # per open mapping: keys, expecting a key
+
+    def see(self, event: object) -> None:
+        import yaml
+
+        if isinstance(event, yaml.CollectionEndEvent):
+            self.stack.pop()
+            return
+        if not isinstance(event, yaml.ScalarEvent | yaml.CollectionStartEvent):
+            return
+        parent = self.stack[-1] if self.stack else None
+        if parent is not None:
+            seen, expecting_key = parent
+            if expecting_key[0]:
+                self._key(event, seen)
+            expecting_key[0] = not expecting_key[0]
+        if isinstance(event, yaml.MappingStartEvent):
+            self.stack.append((set(), [True]))
+        elif isinstance(event, yaml.SequenceStartEvent):
+            self.stack.append(None)
+
+    def _key(self, event: object, seen: set[str]) -> None:
+        import yaml
+
+        if not isinstance(event, yaml.ScalarEvent):
+            raise ProfileError(self.where, "a list or mapping as a YAML key is not accepted")
+        if event.value in seen:
+            raise ProfileError(self.where, f"key {event.value[:40]!r} appears twice in one mapping")
+        seen.add(event.value)
+
+
 def load(text: str, where: str | Path) -> object:
     """Parse ``text``; anything beyond plain nested mappings, lists and scalars is one ProfileError."""
     import yaml
@@ -47,8 +84,10 @@ def load(text: str, where: str | Path) -> object:
     if len(text) > MAX_BYTES:
         raise ProfileError(where, f"larger than the {MAX_BYTES}-byte limit")
     depth = 0
+    keys = _MappingKeys(where)
     try:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            keys.see(event)
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
                 raise ProfileError(where, "YAML anchors and aliases are not accepted")
             tag = getattr(event, "tag", None)

@@ -77,14 +77,18 @@ BASE = {
     ("patch", "expect"),
     [
         ({"bogus": 1}, "unknown key"),
-        ({"xsave": {**BASE["xsave"], "xcr0": "0x27"}}, "lacks offsets"),  # type: ignore[dict-item]
+        ({"xsave": {**BASE["xsave"], "xcr0": "0x207"}}, "lacks offsets"),  # type: ignore[dict-item]
+        ({"xsave": {**BASE["xsave"], "xcr0": "0x27"}}, "only part of AVX-512"),  # type: ignore[dict-item]
+        ({"xsave": {**BASE["xsave"], "xcr0": "0x20007"}}, "only part of AMX"),  # type: ignore[dict-item]
+        ({"xsave": {**BASE["xsave"], "xcr0": "0xf"}}, "only part of MPX"),  # type: ignore[dict-item]
+        ({"xsave": {**BASE["xsave"], "xcr0": "0xe3"}}, "AVX-512 needs AVX"),  # type: ignore[dict-item]
         ({"xsave": {**BASE["xsave"], "user_size": 700}}, "smaller than"),  # type: ignore[dict-item]
         (
             {
                 "xsave": {
                     **BASE["xsave"],
-                    "components": {2: {"offset": 576, "size": 256}, 5: {"offset": 800, "size": 64}},
-                    "xcr0": "0x27",
+                    "components": {2: {"offset": 576, "size": 256}, 9: {"offset": 800, "size": 8}},
+                    "xcr0": "0x207",
                 }
             },
             "overlap",
@@ -189,6 +193,9 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         (yaml.safe_dump({**BASE, "name": "evil\x1b[2J\x1b[31mname"}), "printable"),
         (yaml.safe_dump({**BASE, "name": ["a"]}), "expected a string"),
         ("\x00\x01\x02", "not valid YAML"),
+        (yaml.safe_dump(BASE) + "name: other\n", "'name' appears twice"),  # safe_load keeps the last
+        ("schema: x\nxsave:\n  xcr0: 7\n  xcr0: 0xffff\n", "'xcr0' appears twice"),
+        ("{[1, 2]: 3}\n", "as a YAML key"),
     ],
     ids=[
         "alias-bomb",
@@ -203,6 +210,9 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         "ansi-name",
         "name-list",
         "binary",
+        "duplicate-top-key",
+        "duplicate-nested-key",
+        "list-as-key",
     ],
 )
 def test_hostile_profiles_are_one_line_errors_fast(tmp_path: Path, text: str, expect: str) -> None:
