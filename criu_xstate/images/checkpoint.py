@@ -40,8 +40,9 @@ class Checkpoint:
         self._depth = depth
         if not directory.is_dir():
             raise ImageError(directory, "not a directory of CRIU images")
-        if not (directory / "inventory.img").is_file():
+        if not os.path.lexists(directory / "inventory.img"):
             raise ImageError(directory / "inventory.img", "missing: not a CRIU images directory")
+        os.close(framing.open_image(directory / "inventory.img"))  # a regular file, not a link or FIFO
         self._cores: dict[int, core_pb2.core_entry] = {}
         self._mms: dict[int, mm_pb2.mm_entry] = {}
         self._pagemaps: dict[int, framing.Pagemap] = {}
@@ -91,7 +92,7 @@ class Checkpoint:
 
     def cpuinfo(self) -> cpuinfo_pb2.cpuinfo_x86_entry | None:
         path = self.dir / "cpuinfo.img"
-        if not path.exists():
+        if not os.path.lexists(path):  # a dangling link is refused by open_image, not ignored
             return None
         entry = framing.read_single(path, framing.CPUINFO, cpuinfo_pb2.cpuinfo_entry)
         return entry.x86_entry[0] if entry.x86_entry else None
@@ -100,7 +101,7 @@ class Checkpoint:
         if pid not in self._spaces:
             parent = self.parent
             parent_space = None
-            if parent is not None and (parent.dir / f"pagemap-{pid}.img").exists():
+            if parent is not None and os.path.lexists(parent.dir / f"pagemap-{pid}.img"):
                 parent_space = parent.address_space(pid)
             self._spaces[pid] = AddressSpace(self.dir, self.pagemap(pid), self.mm(pid), parent_space)
         return self._spaces[pid]

@@ -126,11 +126,22 @@ def open_image(path: Path) -> int:
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
-        kind = (
-            "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-        )
-        raise ImageError(path, f"is {kind}, not an image")
+        raise ImageError(path, f"is {_file_kind(mode)}, not an image")
+    os.set_blocking(fd, True)  # O_NONBLOCK was only for the open; reads of a regular file block
     return fd
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def read_file(path: Path) -> bytes:
