@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import stat
 import tarfile
 import tempfile
@@ -211,4 +212,18 @@ def open_checkpoint(path: Path) -> Iterator[Checkpoint]:
         finally:
             ck.close()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _signals_held():  # a second SIGTERM must not cut the removal short: it waits for the end
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+CLEANUP_SIGNALS = {signal.SIGTERM, signal.SIGHUP, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Termination signals stay pending (not lost) for the duration, then are delivered as usual."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, CLEANUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
