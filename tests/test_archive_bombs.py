@@ -120,8 +120,8 @@ def test_the_extraction_limit_is_named_and_can_be_set(
 ) -> None:
     path = tmp_path / "ck.tar"
     path.write_bytes(_fixture_tar([], tarfile.PAX_FORMAT))
-    monkeypatch.setenv(archive.ENV_IMAGE_BYTES, "4096")
-    assert "past the 4096-byte extraction limit (CRIU_XSTATE_MAX_EXTRACT" in _show(path, capsys)
+    monkeypatch.setenv(archive.ENV_IMAGE_BYTES, "30000")  # the stream (4 x) fits, the images do not
+    assert "past the 30000-byte extraction limit (CRIU_XSTATE_MAX_EXTRACT" in _show(path, capsys)
     monkeypatch.setenv(archive.ENV_IMAGE_BYTES, "1e9\x1b[2J")
     assert "is not a byte count" in _show(path, capsys)
     monkeypatch.setenv(archive.ENV_IMAGE_BYTES, str(1 << 30))
@@ -182,3 +182,33 @@ def test_a_base256_size_is_read(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match=r"past the \d+-byte extraction limit"):
         extract_archive(path, into)
     assert list(into.iterdir()) == []
+
+
+def test_the_unpacked_stream_is_bounded_skipped_members_included(
+    tmp_path: Path, private_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A zero bomb in a member that is never written still costs time: the whole stream is bounded."""
+    rootfs = (tarfile.TarInfo("rootfs-diff.tar"), bytes(600_000))
+    path = tmp_path / "ck.tar.zst"
+    path.write_bytes(gzip.compress(_fixture_tar([rootfs], tarfile.PAX_FORMAT)))
+    monkeypatch.setenv(archive.ENV_IMAGE_BYTES, "150000")  # the images fit; 4 x 150000 does not
+    assert "unpacks to more than 600000 bytes" in _show(path, capsys)
+    assert list(private_tmp.iterdir()) == []
+    monkeypatch.setenv(archive.ENV_IMAGE_BYTES, "200000")
+    assert main(["show", str(path)]) == 0
+
+
+@pytest.mark.parametrize(("records", "refused"), [({"comment": "git archive"}, False), ({"path": "x"}, True)])
+def test_a_global_pax_header_may_not_rename_every_member(
+    tmp_path: Path, records: dict[str, str], refused: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers=records) as tar:
+        for p in sorted(FIXTURE.glob("*.img")):
+            tar.add(p, arcname=f"checkpoint/{p.name}")
+    path = tmp_path / "g.tar"
+    path.write_bytes(buf.getvalue())
+    if refused:
+        assert "global pax header" in _show(path, capsys)
+    else:
+        assert main(["show", str(path)]) == 0

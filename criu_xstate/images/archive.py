@@ -45,6 +45,12 @@ class Limits:
     meta_bytes: int = 1 << 16  # one GNU long name or pax header
     name_bytes: int = 4096  # PATH_MAX
 
+    @property
+    def stream_bytes(self) -> int:
+        """The whole unpacked tar stream, skipped members included: bounds the time of a zero bomb
+        (16 GiB of zeros are ~0.5 MB of zstd and take ~0.8 s to skip)."""
+        return 4 * self.image_bytes
+
 
 def image_bytes_from_env() -> int:
     """``CRIU_XSTATE_MAX_EXTRACT`` (bytes), else the default image byte budget."""
@@ -74,12 +80,19 @@ def sniff(head: bytes) -> str | None:
 class _Stream:
     """The decompressed tar stream: exact reads, skips, and the offset for error messages."""
 
-    def __init__(self, reader: _Reader, path: Path) -> None:
+    def __init__(self, reader: _Reader, path: Path, limit: int) -> None:
         self._reader = reader
         self.path = path
         self.offset = 0
+        self.limit = limit
 
     def read(self, size: int) -> bytes:
+        if self.offset + size > self.limit:
+            raise ImageError(
+                self.path,
+                f"the archive unpacks to more than {self.limit} bytes (4 x the extraction limit; "
+                f"{ENV_IMAGE_BYTES} raises it)",
+            )
         parts: list[bytes] = []
         want = size
         while want:
@@ -204,6 +217,9 @@ def _apply_meta(kind: bytes, data: bytes, pending: _Pending, stream: _Stream) ->
     records = _pax_records(data, stream)
     if any(k.startswith("GNU.sparse") for k in records):
         pending.sparse = True
+    if kind == b"g" and records.keys() & {"path", "linkpath", "size"}:
+        # tarfile (which rewrites archives for apply) would rename or resize every later member
+        raise ImageError(stream.path, "a global pax header sets the path or size of every member")
     if kind == b"x":
         if "path" in records:
             pending.name = records["path"]
@@ -379,7 +395,7 @@ def extract(path: Path, fmt: str, into: Path, limits: Limits) -> int:
         raise ImageError(path, f"unreadable: {exc.strerror}") from None
     reader, raw = _decompressor(fd, path, fmt)
     try:
-        return _extract_stream(_Stream(reader, path), into, limits)
+        return _extract_stream(_Stream(reader, path, limits.stream_bytes), into, limits)
     except _stream_errors() as exc:
         raise ImageError(path, f"corrupted {fmt} archive: {_first_line(exc)!r}") from None
     finally:
