@@ -34,7 +34,7 @@ MAX_READ = 64 << 20
 USER_SPACE_END = 1 << 47
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Run:
     start: int
     pages: int
