@@ -4,6 +4,7 @@ YAML aliases, tags, huge numbers, wrong types, terminal escapes)."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import io
 import random
@@ -223,6 +224,10 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return out
 
 
+def _hostile_value(rng: random.Random) -> Any:
+    return copy.deepcopy(rng.choice(HOSTILE_VALUES))  # a shared list edited later would become a cycle
+
+
 def hostile_profile(seed_text: str, rng: random.Random) -> bytes:
     """A shipped profile with values replaced by ill-typed or impossible ones, or a textual attack."""
     if rng.random() < 0.3:
@@ -235,7 +240,7 @@ def hostile_profile(seed_text: str, rng: random.Random) -> bytes:
         for key in path[:-1]:
             node = node[key]
         if rng.random() < 0.15 and isinstance(node, dict):
-            node[rng.choice(["bogus", 99, "xcr0", "offset"])] = rng.choice(HOSTILE_VALUES)
+            node[rng.choice(["bogus", 99, "xcr0", "offset"])] = _hostile_value(rng)
         else:
-            node[path[-1]] = rng.choice(HOSTILE_VALUES)
+            node[path[-1]] = _hostile_value(rng)
     return yaml.safe_dump(doc, allow_unicode=True).encode("utf-8", "surrogateescape")
