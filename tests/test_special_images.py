@@ -110,3 +110,36 @@ def test_special_files_as_images_never_hang_or_escape(
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1, (argv, err)
         assert name in err and any(w in err for w in WORDS), err
+
+
+def _make_special(path: Path, kind: str) -> None:
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link-to-fifo":
+        os.mkfifo(path.with_name("fifo"))
+        path.symlink_to(path.with_name("fifo"))
+    elif kind == "link-to-dev-zero":
+        path.symlink_to("/dev/zero")
+    else:
+        _socket(path, path)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-fifo", "link-to-dev-zero", "socket"])
+@pytest.mark.parametrize("role", ["checkpoint", "profile"])
+def test_special_files_as_arguments_never_hang(
+    tmp_path: Path, kind: str, role: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A checkpoint argument (taken for an archive when it is not a directory) or a profile that is a
+    FIFO, a socket or leads to /dev/zero: one error line, never a read."""
+    special = tmp_path / ("ck.tar.zst" if role == "checkpoint" else "host.yaml")
+    _make_special(special, kind)
+    argv = [
+        "plan",
+        str(special if role == "checkpoint" else FIXTURE),
+        "--dest",
+        str(special if role == "profile" else DEST),
+    ]
+    with _no_hang(10):
+        rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and special.name in err, err
