@@ -57,3 +57,32 @@ def test_the_limit_counts_entries_exactly() -> None:
         split_image(three, PSTREE, "pstree.img", max_entries=2)
     one = struct.pack("<III", IMG_COMMON_MAGIC, CORE.magic, 0)
     assert split_image(one, CORE, "core-1.img", max_entries=1).payloads == (b"",)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def test_an_mm_image_with_more_areas_than_linux_maps_is_refused(
+    ck: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from criu_xstate.images.checkpoint import MAX_VMAS
+    from criu_xstate.images.framing import MM, read_single
+    from criu_xstate.images.pb import mm_pb2
+
+    path = next(ck.glob("mm-*.img"))
+    mm = read_single(path, MM, mm_pb2.mm_entry)
+    vma = mm.vmas[0].SerializeToString()
+    tag = _varint(mm_pb2.mm_entry.DESCRIPTOR.fields_by_name["vmas"].number << 3 | 2)
+    payload = mm.SerializeToString() + (tag + _varint(len(vma)) + vma) * (MAX_VMAS + 1 - len(mm.vmas))
+    path.write_bytes(encode_image(IMG_COMMON_MAGIC, MM.magic, [payload]))
+    t0 = time.monotonic()
+    assert main(["plan", str(ck), "--dest", DEST]) == 2
+    assert time.monotonic() - t0 < 5
+    err = capsys.readouterr().err
+    assert f"{MAX_VMAS + 1} memory areas (limit {MAX_VMAS})" in err and path.name in err

@@ -29,6 +29,10 @@ from criu_xstate.images.container import (
 from criu_xstate.images.pb import core_pb2, cpuinfo_pb2, inventory_pb2, mm_pb2, pstree_pb2
 
 MAX_PARENT_DEPTH = 64
+# Linux maps at most vm.max_map_count areas per process (65,530 by default, 262,144 where databases ask
+# for more). Each area costs ~450 bytes once decoded and indexed: the limit is ~0.5 GB and ~4 s; a 64 MiB
+# mm entry would otherwise hold 2.4 million (1.1 GB, 8 s).
+MAX_VMAS = 1 << 20
 ARCHIVE_IMAGES = archive.ARCHIVE_IMAGES
 
 
@@ -83,7 +87,11 @@ class Checkpoint:
 
     def mm(self, pid: int) -> mm_pb2.mm_entry:
         if pid not in self._mms:
-            self._mms[pid] = framing.read_single(self.dir / f"mm-{pid}.img", framing.MM, mm_pb2.mm_entry)
+            path = self.dir / f"mm-{pid}.img"
+            mm = framing.read_single(path, framing.MM, mm_pb2.mm_entry)
+            if len(mm.vmas) > MAX_VMAS:
+                raise ImageError(path, f"{len(mm.vmas)} memory areas (limit {MAX_VMAS})")
+            self._mms[pid] = mm
         return self._mms[pid]
 
     def pagemap(self, pid: int) -> framing.Pagemap:
