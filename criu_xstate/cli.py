@@ -298,9 +298,11 @@ def _run(argv: Sequence[str] | None) -> int:
     except CriuXstateError as exc:
         print(f"criu-xstate: error: {_one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours
+        return ExitCode.OK
     except OSError as exc:  # an I/O error no layer anticipated: still one line, still "bad input"
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"criu-xstate: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"criu-xstate: error: {where}{_one_line(str(exc.strerror or exc))}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     except KeyboardInterrupt:
         print("criu-xstate: interrupted", file=sys.stderr)
@@ -308,8 +310,6 @@ def _run(argv: Sequence[str] | None) -> int:
     except Terminated as exc:
         print(f"criu-xstate: terminated by signal {exc.signo}", file=sys.stderr)
         return 128 + exc.signo
-    except BrokenPipeError:
-        return ExitCode.OK
     except Exception as exc:
         print(f"criu-xstate: internal error: {type(exc).__name__}: {exc} (please report)", file=sys.stderr)
         return ExitCode.INTERNAL
