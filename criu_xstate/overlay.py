@@ -15,6 +15,7 @@ import bisect
 import os
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from criu_xstate.errors import ApplyError
@@ -54,38 +55,46 @@ def _runs(pm: Pagemap) -> list[tuple[int, int, int, int | None]]:
     return out
 
 
-def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
-    """Write the translated checkpoint into ``out`` as an incremental image over ``src``.
+@dataclass
+class _Split:
+    """A change set sorted by what it does: whole-file writes, edits and appends per pages file."""
 
-    Returns the number of page bytes written. ``out`` must not exist or be empty.
-    """
-    if out.exists() and any(out.iterdir()):
-        raise ApplyError(f"{out}: exists and is not empty")
-    if (src / "parent").exists() is False and (src / "parent").is_symlink():
-        raise ApplyError(f"{src}/parent: dangling parent link")
-    writes = {c.name: c for c in changes if isinstance(c, FileWrite)}
-    edits: dict[str, list[ByteEdit]] = defaultdict(list)
-    appends: dict[str, Append] = {}
-    for c in changes:
-        if isinstance(c, ByteEdit):
-            edits[c.name].append(c)
-        elif isinstance(c, Append):
-            appends[c.name] = c
-    touched_pages = set(edits) | set(appends)
+    writes: dict[str, FileWrite] = field(default_factory=dict)
+    edits: dict[str, list[ByteEdit]] = field(default_factory=lambda: defaultdict(list))
+    appends: dict[str, Append] = field(default_factory=dict)
 
-    # Which pagemap owns each touched pages file.
+    @classmethod
+    def of(cls, changes: list[Change]) -> _Split:
+        split = cls()
+        for c in changes:
+            if isinstance(c, FileWrite):
+                split.writes[c.name] = c
+            elif isinstance(c, ByteEdit):
+                split.edits[c.name].append(c)
+            else:
+                split.appends[c.name] = c
+        return split
+
+    @property
+    def touched_pages(self) -> set[str]:
+        return set(self.edits) | set(self.appends)
+
+
+def _owners(src: Path, touched: set[str]) -> dict[str, str]:
+    """The pagemap that owns each touched pages file."""
     owners: dict[str, str] = {}
     for pm_path in src.glob("pagemap-*.img"):
-        pm = read_pagemap(pm_path)
-        name = f"pages-{int(pm.head.pages_id)}.img"
-        if name in touched_pages:
+        name = f"pages-{int(read_pagemap(pm_path).head.pages_id)}.img"
+        if name in touched:
             owners[name] = pm_path.name
-    missing = touched_pages - owners.keys()
+    missing = touched - owners.keys()
     if missing:
         raise ApplyError(f"{src}: no pagemap owns {sorted(missing)}")
+    return owners
 
-    out.mkdir(parents=True, exist_ok=True)
-    skip = {"parent", *touched_pages, *owners.values(), *writes}
+
+def _link_unchanged(src: Path, out: Path, skip: set[str]) -> None:
+    """Every other file of ``src`` into ``out`` (hard links where possible), and ``parent`` -> ``src``."""
     for entry in sorted(src.iterdir()):
         if entry.name in skip or entry.name.startswith(".criu-xstate"):
             continue
@@ -99,71 +108,101 @@ def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
             shutil.copy2(entry, out / entry.name)
     os.symlink(os.path.relpath(src.resolve(), out.resolve()), out / "parent")
 
+
+def _dirty_pages(src_pages: Path, edits: list[ByteEdit], app: Append | None) -> dict[int, bytearray]:
+    """File offset of each changed page of the original pages file -> its new bytes."""
+    dirty: dict[int, bytearray] = {}
+    fd = os.open(src_pages, os.O_RDONLY)
+    try:
+        original_size = os.fstat(fd).st_size
+        for e in edits:
+            pos, data = e.offset, memoryview(e.new)
+            while data:
+                page_off = pos // PAGE * PAGE
+                if page_off not in dirty:
+                    dirty[page_off] = bytearray(os.pread(fd, PAGE, page_off).ljust(PAGE, b"\0"))
+                n = min(len(data), page_off + PAGE - pos)
+                dirty[page_off][pos - page_off : pos - page_off + n] = data[:n]
+                data, pos = data[n:], pos + n
+    finally:
+        os.close(fd)
+    if app is not None:
+        if app.at != original_size:
+            raise ApplyError(f"{src_pages}: size changed since the plan")
+        for i in range(0, len(app.data), PAGE):
+            dirty[original_size + i] = bytearray(app.data[i : i + PAGE].ljust(PAGE, b"\0"))
+    return dirty
+
+
+def _overlay_entries(
+    pm: Pagemap, dirty: dict[int, bytearray]
+) -> tuple[list[pagemap_pb2.pagemap_entry], bytearray]:
+    """The incremental pagemap and its pages: changed pages PE_PRESENT, the rest PE_PARENT.
+
+    Only the changed pages are visited: the clean stretches between them become one PE_PARENT entry
+    each, however large the run (work grows with the change, not with the memory)."""
+    modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pm.entries)
+    entries: list[pagemap_pb2.pagemap_entry] = []
+    blob = bytearray()
+    dirty_offsets = sorted(dirty)
+    for vaddr, pages, flags, offset in _runs(pm):
+        if offset is None:
+            entries.append(_entry(vaddr, pages, flags, modern))
+            continue
+        lo = bisect.bisect_left(dirty_offsets, offset)
+        hi = bisect.bisect_left(dirty_offsets, offset + pages * PAGE)
+        i = 0
+        present: pagemap_pb2.pagemap_entry | None = None  # the changed pages just before page i
+        for page_off in dirty_offsets[lo:hi]:
+            j = (page_off - offset) // PAGE
+            if j > i:
+                entries.append(_entry(vaddr + i * PAGE, j - i, PE_PARENT, modern))
+                present = None
+            if present is not None:
+                _grow(present, modern)
+            else:
+                present = _entry(vaddr + j * PAGE, 1, PE_PRESENT | (flags & PE_LAZY), modern)
+                entries.append(present)
+            blob += dirty[page_off]
+            i = j + 1
+        if i < pages:
+            entries.append(_entry(vaddr + i * PAGE, pages - i, PE_PARENT, modern))
+    return entries, blob
+
+
+def _pagemap_after(src: Path, out: Path, pm_name: str, writes: dict[str, FileWrite]) -> Pagemap:
+    """The pagemap the overlay describes: the change set's (relocation appended a run), or the original."""
+    if pm_name not in writes:
+        return read_pagemap(src / pm_name)
+    tmp = out / f".{pm_name}.new"
+    tmp.write_bytes(writes.pop(pm_name).new)
+    try:
+        return read_pagemap(tmp)
+    finally:
+        tmp.unlink()
+
+
+def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
+    """Write the translated checkpoint into ``out`` as an incremental image over ``src``.
+
+    Returns the number of page bytes written. ``out`` must not exist or be empty.
+    """
+    if out.exists() and any(out.iterdir()):
+        raise ApplyError(f"{out}: exists and is not empty")
+    if (src / "parent").exists() is False and (src / "parent").is_symlink():
+        raise ApplyError(f"{src}/parent: dangling parent link")
+    split = _Split.of(changes)
+    owners = _owners(src, split.touched_pages)
+    out.mkdir(parents=True, exist_ok=True)
+    _link_unchanged(src, out, {"parent", *split.touched_pages, *owners.values(), *split.writes})
     written = 0
     for pages_name, pm_name in owners.items():
-        pm_src = src / pm_name
-        pm = read_pagemap(pm_src)
-        if pm_name in writes:  # relocation: the change set's pagemap has the appended run
-            new = writes.pop(pm_name)
-            tmp = out / f".{pm_name}.new"
-            tmp.write_bytes(new.new)
-            pm = read_pagemap(tmp)
-            tmp.unlink()
-        modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pm.entries)
-        src_pages = src / pages_name
-        original_size = src_pages.stat().st_size
-        dirty: dict[int, bytearray] = {}  # file offset of a page in the original -> new bytes
-        fd = os.open(src_pages, os.O_RDONLY)
-        try:
-            for e in edits.get(pages_name, []):
-                pos = e.offset
-                data = memoryview(e.new)
-                while data:
-                    page_off = pos // PAGE * PAGE
-                    if page_off not in dirty:
-                        dirty[page_off] = bytearray(os.pread(fd, PAGE, page_off).ljust(PAGE, b"\0"))
-                    n = min(len(data), page_off + PAGE - pos)
-                    dirty[page_off][pos - page_off : pos - page_off + n] = data[:n]
-                    data = data[n:]
-                    pos += n
-        finally:
-            os.close(fd)
-        app = appends.get(pages_name)
-        if app is not None:
-            if app.at != original_size:
-                raise ApplyError(f"{src_pages}: size changed since the plan")
-            for i in range(0, len(app.data), PAGE):
-                dirty[original_size + i] = bytearray(app.data[i : i + PAGE].ljust(PAGE, b"\0"))
-        entries: list[pagemap_pb2.pagemap_entry] = []
-        blob = bytearray()
-        dirty_offsets = sorted(dirty)
-        for vaddr, pages, flags, offset in _runs(pm):
-            if offset is None:
-                entries.append(_entry(vaddr, pages, flags, modern))
-                continue
-            # Only the changed pages are visited: the clean stretches between them become one
-            # PE_PARENT entry each, however large the run (work grows with the change, not the memory).
-            lo = bisect.bisect_left(dirty_offsets, offset)
-            hi = bisect.bisect_left(dirty_offsets, offset + pages * PAGE)
-            i = 0
-            present: pagemap_pb2.pagemap_entry | None = None  # the changed pages just before page i
-            for page_off in dirty_offsets[lo:hi]:
-                j = (page_off - offset) // PAGE
-                if j > i:
-                    entries.append(_entry(vaddr + i * PAGE, j - i, PE_PARENT, modern))
-                    present = None
-                if present is not None:
-                    _grow(present, modern)
-                else:
-                    present = _entry(vaddr + j * PAGE, 1, PE_PRESENT | (flags & PE_LAZY), modern)
-                    entries.append(present)
-                blob += dirty[page_off]
-                i = j + 1
-            if i < pages:
-                entries.append(_entry(vaddr + i * PAGE, pages - i, PE_PARENT, modern))
+        pm = _pagemap_after(src, out, pm_name, split.writes)
+        dirty = _dirty_pages(src / pages_name, split.edits.get(pages_name, []), split.appends.get(pages_name))
+        entries, blob = _overlay_entries(pm, dirty)
         (out / pm_name).write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
         (out / pages_name).write_bytes(bytes(blob))
         written += len(blob)
-    for name, w in writes.items():
+    for name, w in split.writes.items():
         (out / name).write_bytes(w.new)
     return written
