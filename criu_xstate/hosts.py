@@ -140,7 +140,80 @@ def _mapping(value: object, where: str, source: str, allowed: set[str]) -> dict[
     return value
 
 
+def _opt_text(d: Mapping[str, Any], key: str, where: str, source: str) -> str | None:
+    return _text(d[key], where, source) if d.get(key) is not None else None
+
+
+def _cpu_from(d: Mapping[str, Any], source: str) -> CpuInfo:
+    return CpuInfo(
+        vendor=_text(d.get("vendor", "unknown"), "cpu.vendor", source),
+        family=_int(d["family"], "cpu.family", source) if "family" in d else None,
+        model=_int(d["model"], "cpu.model", source) if "model" in d else None,
+        model_name=_opt_text(d, "model_name", "cpu.model_name", source),
+    )
+
+
+def _kernel_from(d: Mapping[str, Any], source: str) -> KernelInfo:
+    sigreturn = d.get("sigreturn", "frame-size")
+    if sigreturn not in SIGRETURN_RULES:
+        raise ProfileError(
+            source, f"kernel.sigreturn must be one of {', '.join(SIGRETURN_RULES)}, got {sigreturn!r}"
+        )
+    sigreturn_source = d.get("sigreturn_source", "set" if "sigreturn" in d else "guessed")
+    if sigreturn_source not in SIGRETURN_SOURCES:
+        allowed = ", ".join(SIGRETURN_SOURCES)
+        raise ProfileError(
+            source, f"kernel.sigreturn_source must be one of {allowed}, got {sigreturn_source!r}"
+        )
+    reason = d.get("sigreturn_reason")
+    if "sigreturn" not in d and reason is None:
+        reason = "the profile names no kernel.sigreturn rule"
+    return KernelInfo(
+        release=_opt_text(d, "release", "kernel.release", source),
+        sigreturn=str(sigreturn),
+        sigreturn_source=str(sigreturn_source),
+        sigreturn_reason=_text(reason, "kernel.sigreturn_reason", source) if reason is not None else None,
+    )
+
+
+def _components_from(value: object, source: str) -> dict[int, Component]:
+    if not isinstance(value, dict):
+        raise ProfileError(
+            source, "xsave.components: expected a mapping of component number to {offset, size}"
+        )
+    comps: dict[int, Component] = {}
+    for k, v in value.items():
+        n = _int(k, "xsave.components key", source)
+        cd = _mapping(v, f"xsave.components.{n}", source, {"offset", "size"})
+        comps[n] = Component(
+            _int(cd.get("offset"), f"components.{n}.offset", source),
+            _int(cd.get("size"), f"components.{n}.size", source),
+        )
+    return comps
+
+
+def _xsave_from(value: object, source: str) -> XsaveInfo:
+    xs = _mapping(value, "xsave", source, _XSAVE)
+    for key in ("xcr0", "user_size", "components"):
+        if key not in xs:
+            raise ProfileError(source, f"xsave: missing required key {key!r}")
+    user_size = _int(xs["user_size"], "xsave.user_size", source)
+    return XsaveInfo(
+        xcr0=_int(xs["xcr0"], "xsave.xcr0", source),
+        user_size=user_size,
+        max_user_size=_int(xs.get("max_user_size", user_size), "xsave.max_user_size", source),
+        dynamic=_int(xs.get("dynamic", 0), "xsave.dynamic", source),
+        mxcsr_mask=_int(xs.get("mxcsr_mask", 0xFFFF), "xsave.mxcsr_mask", source),
+        components=_components_from(xs["components"], source),
+        offset_conflicts=tuple(
+            _int(c, "xsave.offset_conflicts", source)
+            for c in _list(xs.get("offset_conflicts"), "xsave.offset_conflicts", source)
+        ),
+    )
+
+
 def profile_from_dict(data: object, source: str) -> HostProfile:
+    """A profile from parsed YAML: every key known, every value of its type, then validated."""
     top = _mapping(data, "profile", source, _TOP)
     if top.get("schema") != SCHEMA:
         raise ProfileError(source, f"schema must be {SCHEMA!r}, got {top.get('schema')!r}")
@@ -149,70 +222,11 @@ def profile_from_dict(data: object, source: str) -> HostProfile:
             raise ProfileError(source, f"missing required key {key!r}")
     cpu_d = _mapping(top.get("cpu") or {}, "cpu", source, _CPU)
     kernel_d = _mapping(top.get("kernel") or {}, "kernel", source, _KERNEL)
-    xs = _mapping(top["xsave"], "xsave", source, _XSAVE)
-    for key in ("xcr0", "user_size", "components"):
-        if key not in xs:
-            raise ProfileError(source, f"xsave: missing required key {key!r}")
-    comps_d = xs["components"]
-    if not isinstance(comps_d, dict):
-        raise ProfileError(
-            source, "xsave.components: expected a mapping of component number to {offset, size}"
-        )
-    comps: dict[int, Component] = {}
-    for k, v in comps_d.items():
-        n = _int(k, "xsave.components key", source)
-        cd = _mapping(v, f"xsave.components.{n}", source, {"offset", "size"})
-        comps[n] = Component(
-            _int(cd.get("offset"), f"components.{n}.offset", source),
-            _int(cd.get("size"), f"components.{n}.size", source),
-        )
-    sigreturn = kernel_d.get("sigreturn", "frame-size")
-    if sigreturn not in SIGRETURN_RULES:
-        raise ProfileError(
-            source, f"kernel.sigreturn must be one of {', '.join(SIGRETURN_RULES)}, got {sigreturn!r}"
-        )
-    sigreturn_source = kernel_d.get("sigreturn_source", "set" if "sigreturn" in kernel_d else "guessed")
-    if sigreturn_source not in SIGRETURN_SOURCES:
-        allowed = ", ".join(SIGRETURN_SOURCES)
-        raise ProfileError(
-            source, f"kernel.sigreturn_source must be one of {allowed}, got {sigreturn_source!r}"
-        )
-    sigreturn_reason = kernel_d.get("sigreturn_reason")
-    if "sigreturn" not in kernel_d and sigreturn_reason is None:
-        sigreturn_reason = "the profile names no kernel.sigreturn rule"
-    user_size = _int(xs["user_size"], "xsave.user_size", source)
     profile = HostProfile(
         name=_text(top["name"], "name", source),
-        cpu=CpuInfo(
-            vendor=_text(cpu_d.get("vendor", "unknown"), "cpu.vendor", source),
-            family=_int(cpu_d["family"], "cpu.family", source) if "family" in cpu_d else None,
-            model=_int(cpu_d["model"], "cpu.model", source) if "model" in cpu_d else None,
-            model_name=_text(cpu_d["model_name"], "cpu.model_name", source)
-            if cpu_d.get("model_name") is not None
-            else None,
-        ),
-        kernel=KernelInfo(
-            release=_text(kernel_d["release"], "kernel.release", source)
-            if kernel_d.get("release") is not None
-            else None,
-            sigreturn=str(sigreturn),
-            sigreturn_source=str(sigreturn_source),
-            sigreturn_reason=_text(sigreturn_reason, "kernel.sigreturn_reason", source)
-            if sigreturn_reason is not None
-            else None,
-        ),
-        xsave=XsaveInfo(
-            xcr0=_int(xs["xcr0"], "xsave.xcr0", source),
-            user_size=user_size,
-            max_user_size=_int(xs.get("max_user_size", user_size), "xsave.max_user_size", source),
-            dynamic=_int(xs.get("dynamic", 0), "xsave.dynamic", source),
-            mxcsr_mask=_int(xs.get("mxcsr_mask", 0xFFFF), "xsave.mxcsr_mask", source),
-            components=comps,
-            offset_conflicts=tuple(
-                _int(c, "xsave.offset_conflicts", source)
-                for c in _list(xs.get("offset_conflicts"), "xsave.offset_conflicts", source)
-            ),
-        ),
+        cpu=_cpu_from(cpu_d, source),
+        kernel=_kernel_from(kernel_d, source),
+        xsave=_xsave_from(top["xsave"], source),
         flags=_texts(top.get("flags"), "flags", source),
         notes=_texts(top.get("notes"), "notes", source),
         members=_texts(top.get("members"), "members", source),
