@@ -74,74 +74,84 @@ def _byte_edits(proc: Process, patch: MemoryPatch) -> list[ByteEdit]:
     return edits
 
 
-def _relocate(proc: Process, relocs: list[Relocation]) -> tuple[list[Change], tuple[int, int]]:
-    """New mapping for the relocated images of one process, and the pointer patches into it."""
-    ck = proc.checkpoint
-    space = proc.address_space
-    mm = ck.mm(proc.pid)
-    pagemap = ck.pagemap(proc.pid)
+def _pack(relocs: list[Relocation]) -> tuple[list[tuple[Relocation, int]], bytearray]:
+    """The relocated images laid out 64-byte aligned in whole pages: (image, offset) and the bytes."""
     layout: list[tuple[Relocation, int]] = []
     offset = 0
     for r in relocs:
         offset = align_up(offset)  # an XSAVE image starts 64-byte aligned
         layout.append((r, offset))
         offset += len(r.image)
-    size = (offset + PAGE - 1) // PAGE * PAGE
+    data = bytearray((offset + PAGE - 1) // PAGE * PAGE)
+    for r, off in layout:
+        data[off : off + len(r.image)] = r.image
+    return layout, data
+
+
+def _place(proc: Process, size: int) -> int:
+    """Where the new mapping goes: above every mapping and every pagemap run, one guard page apart
+    (both lists stay in address order, the pages file only grows at its end)."""
+    mm = proc.checkpoint.mm(proc.pid)
     top = max((int(v.end) for v in mm.vmas if int(v.end) <= TASK_SIZE), default=0)
-    last_run = max((r.end for r in space.runs), default=0)
+    last_run = max((r.end for r in proc.address_space.runs), default=0)
     start = (max(top, last_run) + GUARD + PAGE - 1) // PAGE * PAGE
     if start + size > TASK_SIZE:
         raise ApplyError(f"pid {proc.pid}: no room above the highest mapping for a relocated XSAVE image")
+    return start
+
+
+def _mm_with(proc: Process, start: int, size: int) -> FileWrite:
+    """mm-<pid>.img with an anonymous private read-write VMA [start, start + size) added in order."""
+    mm = proc.checkpoint.mm(proc.pid)
+    template = next((v for v in mm.vmas if int(v.status) & VMA_ANON_PRIVATE), None)
+    vma = mm_pb2.vma_entry()
+    if template is not None:
+        vma.CopyFrom(template)
+    vma.start, vma.end, vma.pgoff, vma.shmid = start, start + size, 0, 0
+    vma.prot, vma.flags = PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS
+    vma.status, vma.fd, vma.madv = VMA_AREA_REGULAR | VMA_ANON_PRIVATE, -1, 0
+    new_mm = mm_pb2.mm_entry()
+    new_mm.CopyFrom(mm)
+    del new_mm.vmas[:]
+    new_mm.vmas.extend(sorted([*mm.vmas, vma], key=lambda v: int(v.start)))  # CRIU requires address order
+    path = proc.checkpoint.path_of(f"mm-{proc.pid}.img")
+    return FileWrite(
+        path.name, path.read_bytes(), encode_image(MM.head, MM.magic, [new_mm.SerializeToString()])
+    )
+
+
+def _pagemap_with(proc: Process, start: int, size: int) -> FileWrite:
+    """pagemap-<pid>.img with one PE_PRESENT run for the new mapping appended (its pages go last)."""
+    pagemap = proc.checkpoint.pagemap(proc.pid)
+    entry = pagemap_pb2.pagemap_entry(vaddr=start, flags=PE_PRESENT)
+    modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pagemap.entries)
+    entry.compat_nr_pages = 0 if modern else size // PAGE
+    if modern:
+        entry.nr_pages = size // PAGE
+    path = proc.checkpoint.path_of(f"pagemap-{proc.pid}.img")
+    new = Pagemap(pagemap.raw, pagemap.head, (*pagemap.entries, entry))
+    return FileWrite(path.name, path.read_bytes(), new.encode())
+
+
+def _relocate(proc: Process, relocs: list[Relocation]) -> tuple[list[Change], tuple[int, int]]:
+    """New mapping for the relocated images of one process, and the pointer patches into it."""
+    space = proc.address_space
+    layout, data = _pack(relocs)
+    start = _place(proc, len(data))
     pages_size = space.pages_path.stat().st_size if space.pages_path.exists() else 0
     if pages_size != space.present_bytes:
         raise ApplyError(
             f"{space.pages_path}: {pages_size} bytes but the pagemap accounts for {space.present_bytes}: "
             "refusing to append a relocated image"
         )
-    data = bytearray(size)
-    for r, off in layout:
-        data[off : off + len(r.image)] = r.image
-
-    template = next((v for v in mm.vmas if int(v.status) & VMA_ANON_PRIVATE), None)
-    vma = mm_pb2.vma_entry()
-    if template is not None:
-        vma.CopyFrom(template)
-    vma.start = start
-    vma.end = start + size
-    vma.pgoff = 0
-    vma.shmid = 0
-    vma.prot = PROT_READ_WRITE
-    vma.flags = MAP_PRIVATE_ANONYMOUS
-    vma.status = VMA_AREA_REGULAR | VMA_ANON_PRIVATE
-    vma.fd = -1
-    vma.madv = 0
-    new_mm = mm_pb2.mm_entry()
-    new_mm.CopyFrom(mm)
-    del new_mm.vmas[:]
-    vmas = [*mm.vmas, vma]
-    new_mm.vmas.extend(sorted(vmas, key=lambda v: int(v.start)))  # CRIU requires address order
-    mm_path = ck.path_of(f"mm-{proc.pid}.img")
-    old_mm = mm_path.read_bytes()
-    mm_bytes = encode_image(MM.head, MM.magic, [new_mm.SerializeToString()])
-
-    entry = pagemap_pb2.pagemap_entry()
-    entry.vaddr = start
-    entry.flags = PE_PRESENT
-    modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pagemap.entries)
-    entry.compat_nr_pages = 0 if modern else size // PAGE
-    if modern:
-        entry.nr_pages = size // PAGE
-    new_pagemap = Pagemap(pagemap.raw, pagemap.head, (*pagemap.entries, entry))
-    pm_path = ck.path_of(f"pagemap-{proc.pid}.img")
-
     changes: list[Change] = [
         Append(space.pages_path.name, pages_size, bytes(data)),
-        FileWrite(pm_path.name, pm_path.read_bytes(), new_pagemap.encode()),
-        FileWrite(mm_path.name, old_mm, mm_bytes),
+        _pagemap_with(proc, start, len(data)),
+        _mm_with(proc, start, len(data)),
     ]
     for r, off in layout:
         changes += _byte_edits(proc, pointer_patch(r, start + off))
-    return changes, (start, start + size)
+    return changes, (start, start + len(data))
 
 
 def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> ChangeSet:
