@@ -269,6 +269,8 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(signo: int, frame: object) -> None:
+    for again in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
+        signal.signal(again, signal.SIG_IGN)
     raise Terminated(signo)
 
 
