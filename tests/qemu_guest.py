@@ -367,7 +367,7 @@ def restore_scenario(pid: int) -> str:
     """Restore /in/images as root, release the workload, bring its OK/CORRUPT lines out."""
     return f"""
 W={SHARED}/wl
-mkdir -p $W
+mkdir -p $W && chown 1000:1000 $W  # a workload dumped as uid 1000 writes its result there
 /bin/probe-dump > /out/probe.txt
 /criu/criu restore -D /in/images -d -o /out/restore.log -v4
 echo "restore exit $?"

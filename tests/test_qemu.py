@@ -38,13 +38,14 @@ def here(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @cache
-def guest_dump(mode: str, workdir: str) -> GuestResult:
+def guest_dump(mode: str, workdir: str, cpu: str = "max") -> GuestResult:
     threads = " 3" if mode == "threads" else ""
-    return run_guest(dump_scenario(mode + threads), guest_files(), Path(workdir) / f"guest-{mode}")
+    where = Path(workdir) / f"guest-{mode}-{cpu}"
+    return run_guest(dump_scenario(mode + threads), guest_files(), where, cpu=cpu)
 
 
-def _dump(mode: str, tmp_path_factory: pytest.TempPathFactory) -> GuestResult:
-    result = guest_dump(mode, str(tmp_path_factory.getbasetemp()))
+def _dump(mode: str, tmp_path_factory: pytest.TempPathFactory, cpu: str = "max") -> GuestResult:
+    result = guest_dump(mode, str(tmp_path_factory.getbasetemp()), cpu)
     if "dump exit 0" not in result.log:
         if "exit 77" in result.log or not list(result.out.glob("truth-*.json")):
             pytest.skip(f"guest could not run workload mode {mode}: {result.log[-300:]}")
@@ -117,57 +118,67 @@ def test_guest_frames_lost_without_apply_intact_with_it(
     assert ok and all(line.endswith(" OK") for line in ok), ok
 
 
+def _without_pkeys(here: str, tmp_path: Path) -> str:
+    """This host's probed profile as a CPU without protection keys would have it (XCR0 bit 9 clear,
+    no PKRU slot, sizes ending at the last remaining component): on any host, pkeys or not."""
+    import yaml
+
+    doc = yaml.safe_load(Path(here).read_text())
+    xs = doc["xsave"]
+    xs["xcr0"] = hex(int(str(xs["xcr0"]), 0) & ~(1 << 9))
+    comps = {int(n): c for n, c in xs["components"].items() if int(n) != 9}
+    end = max([576, *(c["offset"] + c["size"] for c in comps.values())])
+    xs.update(components=comps, user_size=end, max_user_size=end)
+    doc["name"] = "this-host-without-pkeys"
+    doc["flags"] = [f for f in doc.get("flags", []) if f not in ("pku", "ospke")]
+    path = tmp_path / "no-pkeys.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
 def test_pkeys_in_use_is_refused_and_apply_changes_nothing(
     here: str, tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    if hosts.load_profile(Path(here)).xsave.xcr0 >> 9 & 1:
-        pytest.skip("this host has protection keys: the refusal needs a destination without them")
+    dest = _without_pkeys(here, tmp_path)
+    assert not hosts.load_profile(Path(dest)).xsave.xcr0 >> 9 & 1
     g = _dump("pkeys", tmp_path_factory)
     images = tmp_path / "images"
     shutil.copytree(g.out / "images", images)
     before = {p.name: p.read_bytes() for p in images.iterdir()}
-    assert main(["plan", str(images), "--dest", here, "--json"]) == 1
+    assert main(["plan", str(images), "--dest", dest, "--json"]) == 1
     plan = json.loads(capsys.readouterr().out)
     codes = {r["code"] for t in plan["threads"] for f in t["frames"] for r in f["reasons"]}
     assert "PKRU_IN_USE_DEST_NO_PKEYS" in codes and plan["verdict"] == "refuse"
-    assert main(["apply", str(images), "--dest", here, "--in-place"]) == 1
+    assert main(["apply", str(images), "--dest", dest, "--in-place"]) == 1
     assert {p.name: p.read_bytes() for p in images.iterdir()} == before
 
 
-NO_AVX512 = {"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD"}
+AVX_ONLY_CPU = "Haswell-noTSX"  # XCR0 0x7: an 832-byte frame with x87/SSE/AVX only, whatever this host is
 
 
 @pytest.fixture(scope="module")
-def host_dump(here: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
-    """A frame dumped on this machine (glibc told not to touch AVX-512, so only x87/SSE/AVX are in use)."""
-    from tests.realcriu import Workload
-
-    exe = Path(SHARED) / "bin" / "ymm_handler"
-    _prepare_host_paths()
-    base = tmp_path_factory.mktemp("hostdump")
-    wl = Workload(Path(SHARED) / "wl", mode="siginfo", seed=13, exe=exe, env=NO_AVX512).start()
-    try:
-        (truth,) = wl.truths()
-        if truth["xstate_bv"] & ~0x7:
-            pytest.skip(f"this host's frame uses state beyond AVX (xstate_bv {truth['xstate_bv']:#x})")
-        wl.dump(base / "images")
-    finally:
-        wl.kill()
-    return base / "images", wl.pid
+def avx_only_dump(here: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A frame dumped in a QEMU guest whose CPU has AVX and nothing beyond it (832 bytes): the source
+    is chosen, not this machine, so the proof holds on every host."""
+    g = _dump("siginfo", tmp_path_factory, cpu=AVX_ONLY_CPU)
+    (truth,) = [json.loads(p.read_text()) for p in g.out.glob("truth-*.json")]
+    assert truth["xstate_size"] == 832 and truth["xstate_bv"] & ~0x7 == 0, truth
+    return g.out / "images", int(truth["pid"])
 
 
 @pytest.mark.parametrize(
     ("kernel", "rule", "raw_expected"), [("6.16", "user-size", "CORRUPT"), ("6.1", "frame-size", "OK")]
 )
 def test_sigreturn_rule_of_the_destination_kernel(
-    host_dump: tuple[Path, int], tmp_path: Path, kernel: str, rule: str, raw_expected: str
+    avx_only_dump: tuple[Path, int], tmp_path: Path, kernel: str, rule: str, raw_expected: str
 ) -> None:
-    """Debian 6.16 (trixie-backports) looks for magic2 at its own user size (2696 in the guest): the
-    host's 2432-byte frame is restored FX-only there, not on 6.1. `apply` for a user-size destination
-    relocates the image to exactly 2696 bytes, which both kernels accept."""
+    """Debian 6.16 (trixie-backports) looks for magic2 at its own user size (2696 in a `-cpu max`
+    guest): an 832-byte frame (dumped in an AVX-only guest) is restored FX-only there, not on 6.1.
+    `apply` for a user-size destination relocates the image to exactly 2696 bytes, which both kernels
+    accept."""
     import yaml
 
-    images, pid = host_dump
+    images, pid = avx_only_dump
     profile = yaml.safe_load((HOSTS / "qemu-tcg-max.yaml").read_text())
     profile.update(name=f"tcg-max-{kernel}", kernel={"release": kernel, "sigreturn": rule})
     dest = tmp_path / "dest.yaml"
@@ -175,7 +186,7 @@ def test_sigreturn_rule_of_the_destination_kernel(
     fixed = tmp_path / "fixed"
     assert main(["apply", str(images), "--dest", str(dest), "--out", str(fixed), "--self-contained"]) == 0
     files = {
-        f"{SHARED}/bin/ymm_handler": Path(SHARED) / "bin" / "ymm_handler",
+        f"{SHARED}/bin/ymm_handler": guest_files()[f"{SHARED}/bin/ymm_handler"],
         "bin/probe-dump": guest_files()["bin/probe-dump"],
     }
     for name, src, expected in (("raw", images, raw_expected), ("fixed", fixed, "OK")):
