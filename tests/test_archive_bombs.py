@@ -16,33 +16,9 @@ from criu_xstate.cli import main
 from criu_xstate.errors import ImageError
 from criu_xstate.images import archive
 from criu_xstate.images.checkpoint import extract_archive
+from tests.fuzz_inputs import header
 
 FIXTURE = Path(__file__).parent / "fixtures" / "siginfo"
-
-
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """tempfile's directory, where extraction really writes, private to the test."""
-    import tempfile
-
-    d = tmp_path / "tmpdir"
-    d.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(d))
-    return d
-
-
-def _header(name: bytes, size: int, kind: bytes) -> bytes:
-    """A ustar header block with a valid checksum (sizes up to 8 GiB - 1 in octal)."""
-    h = bytearray(512)
-    h[: len(name)] = name
-    h[100:108] = b"0000644\0"
-    h[124:136] = b"%011o\0" % size
-    h[136:148] = b"00000000000\0"
-    h[156:157] = kind
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
 
 
 def _fixture_tar(extra: list[tarfile.TarInfo | tuple[tarfile.TarInfo, bytes]], fmt: int) -> bytes:
@@ -69,7 +45,7 @@ def test_a_huge_metadata_header_is_refused_before_it_is_read(
     tmp_path: Path, private_tmp: Path, kind: bytes, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "bomb.tar.gz"
-    path.write_bytes(gzip.compress(_header(b"PaxHeaders/x", 3 << 30, kind)))  # only the header
+    path.write_bytes(gzip.compress(header(b"PaxHeaders/x", 3 << 30, kind)))  # only the header
     err = _show(path, capsys)
     assert f"of {3 << 30} bytes (limit {archive.Limits.meta_bytes})" in err
     assert list(private_tmp.iterdir()) == []
@@ -132,14 +108,14 @@ def test_the_extraction_limit_is_named_and_can_be_set(
 @pytest.mark.parametrize(
     ("blocks", "expect"),
     [
-        (_header(b"checkpoint/core-1.img", 100, b"0")[:300], "partial header"),
-        (_header(b"checkpoint/core-1.img", 100, b"0") + b"x" * 50, "ends 50 bytes early"),
+        (header(b"checkpoint/core-1.img", 100, b"0")[:300], "partial header"),
+        (header(b"checkpoint/core-1.img", 100, b"0") + b"x" * 50, "ends 50 bytes early"),
         (b"\x01" * 512 + bytes(512), "bad header checksum"),
-        (_header(b"checkpoint/core-1.img", 0, b"0")[:124] + b"9" * 12 + bytes(376), "bad header checksum"),
-        (_header(b"x", 5, b"x") + b"5 a\n" + bytes(508), "pax record without"),
-        (_header(b"checkpoint/pages-1.img", 0, b"S"), "sparse"),
-        (_header(b"checkpoint/pages-1.img", 0, b"3"), "character device"),
-        (_header(b"checkpoint/pages-1.img", 0, b"V"), "tar type"),
+        (header(b"checkpoint/core-1.img", 0, b"0")[:124] + b"9" * 12 + bytes(376), "bad header checksum"),
+        (header(b"x", 5, b"x") + b"5 a\n" + bytes(508), "pax record without"),
+        (header(b"checkpoint/pages-1.img", 0, b"S"), "sparse"),
+        (header(b"checkpoint/pages-1.img", 0, b"3"), "character device"),
+        (header(b"checkpoint/pages-1.img", 0, b"V"), "tar type"),
         (bytes(1024), "no CRIU images"),
     ],
     ids=[
@@ -171,7 +147,7 @@ def test_unsupported_compression_is_named(tmp_path: Path, capsys: pytest.Capture
 
 def test_a_base256_size_is_read(tmp_path: Path) -> None:
     """GNU writes sizes past 8 GiB in base-256; a lying one is refused by the budget, not believed."""
-    h = bytearray(_header(b"checkpoint/pages-1.img", 0, b"0"))
+    h = bytearray(header(b"checkpoint/pages-1.img", 0, b"0"))
     h[124:136] = b"\x80" + (1 << 60).to_bytes(11, "big")
     h[148:156] = b" " * 8
     h[148:156] = b"%06o\0 " % sum(h)

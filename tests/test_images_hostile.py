@@ -195,17 +195,6 @@ def test_archives_are_read(tmp_path: Path, suffix: str, capsys: pytest.CaptureFi
     assert '"live": true' in capsys.readouterr().out
 
 
-@pytest.fixture
-def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Where archive extraction really writes (tempfile's directory), private to the test."""
-    import tempfile
-
-    d = tmp_path / "tmpdir"
-    d.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(d))
-    return d
-
-
 def _special(name: str, kind: bytes) -> tuple[str, bytes | None, str | None]:
     return (name, kind, "special")
 
