@@ -23,7 +23,7 @@ from criu_xstate.images import open_checkpoint
 from criu_xstate.images.checkpoint import is_archive
 from criu_xstate.model import CheckpointModel, load_model
 from criu_xstate.plan import HostFacts, Plan, Severity, Verdict
-from criu_xstate.transaction import JOURNAL, Change, journal_state, transaction
+from criu_xstate.transaction import JOURNAL, Change, refuse_if_interrupted, transaction
 
 if TYPE_CHECKING:  # the writers are imported when something is written: the hook's common case is not
     from criu_xstate.changeset import ChangeSet
@@ -102,10 +102,7 @@ def apply_to_copy(src: Path, out: Path, dest: HostFacts, opts: Options, *, self_
     """
     archive = is_archive(src)
     _check_out(out, archive)
-    if src.is_dir() and journal_state(src) == "pending":
-        raise ApplyError(
-            f"{src}: an interrupted criu-xstate apply left its journal; run `criu-xstate undo {src}`"
-        )
+    refuse_if_interrupted(src)
     with open_checkpoint(src) as ck:
         model = load_model(ck)
         plan = _plan(model, dest, opts, relocate=opts.allow_relocation)

@@ -38,6 +38,7 @@ __all__ = [
     "Transaction",
     "apply_changes",
     "journal_state",
+    "refuse_if_interrupted",
     "transaction",
     "undo",
 ]
@@ -202,10 +203,7 @@ class Transaction:
         if j is None:
             return None
         if j.state == "pending":
-            raise ApplyError(
-                f"{self.path}: an interrupted criu-xstate apply left its journal; "
-                f"run `criu-xstate undo {self.path}` first"
-            )
+            raise ApplyError(f"{self.path}: {INTERRUPTED}; run `criu-xstate undo {self.path}` first")
         bad = _mismatch(self.d, {n: [v] for n, v in j.expect.items()}, mixed=False)
         if bad is not None:
             raise ApplyError(
@@ -387,6 +385,15 @@ def transaction(images: Path | str) -> Iterator[Transaction]:
             yield Transaction(d)
     except OSError as exc:
         raise ApplyError(f"{images}: {exc.strerror or exc}") from None
+
+
+INTERRUPTED = "an interrupted criu-xstate apply left its journal: the images may be half-written"
+
+
+def refuse_if_interrupted(images: Path | str) -> None:
+    """Refuse to read (plan, copy) or write a directory that a pending journal says is half-written."""
+    if Path(images).is_dir() and journal_state(images) == "pending":
+        raise ApplyError(f"{images}: {INTERRUPTED}; run `criu-xstate undo {images}` first")
 
 
 def journal_state(images: Path | str) -> str | None:

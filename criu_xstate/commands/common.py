@@ -7,10 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from criu_xstate.errors import ApplyError
 from criu_xstate.images import open_checkpoint
 from criu_xstate.model import CheckpointModel, load_model
-from criu_xstate.transaction import journal_state
+from criu_xstate.transaction import INTERRUPTED, journal_state, refuse_if_interrupted
 
 
 def journal_of(path: str) -> str | None:
@@ -19,12 +18,7 @@ def journal_of(path: str) -> str | None:
     return journal_state(p) if p.is_dir() else None
 
 
-INTERRUPTED = "an interrupted criu-xstate apply left its journal: the images may be half-written"
-
-
-def refuse_if_interrupted(path: str) -> None:
-    if journal_of(path) == "pending":
-        raise ApplyError(f"{path}: {INTERRUPTED}; run `criu-xstate undo {path}` first")
+__all__ = ["INTERRUPTED", "journal_of", "opened_model", "refuse_if_interrupted", "use_colour"]
 
 
 @contextmanager
