@@ -23,6 +23,7 @@ from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
 from criu_xstate.plan import FrameAction, HostFacts, Plan
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 from criu_xstate.translate import MemoryPatch, Relocation, frame_patches, pointer_patch
+from criu_xstate.x86.xfeatures import PKRU
 from criu_xstate.x86.xsave import align_up
 
 TASK_SIZE = 0x7FFFFFFFF000
@@ -40,11 +41,12 @@ class ChangeSet:
     cores_rewritten: int = 0
 
 
-def _core_change(proc: Process, tid: int, drop: int) -> FileWrite | None:
-    """Leave out of core-<tid>.img the components the plan decided to drop (``ThreadPlan.core_drop``:
-    in their init state and absent on the destination). CRIU would skip them anyway; rewriting says so
-    in the image instead of relying on it."""
-    if not drop:
+def _core_change(proc: Process, tid: int, drop: int, pkru: int | None) -> FileWrite | None:
+    """core-<tid>.img as the plan decided (thread_rules): the components in ``drop`` left out (in
+    their init state and absent on the destination: CRIU would skip them anyway, the image now says
+    so), and ``pkru`` carried in when the image had none and the destination has protection keys
+    (CRIU copies a component only when the image's xstate_bv names it: research/criu.md §3.2)."""
+    if not drop and pkru is None:
         return None
     path = proc.checkpoint.path_of(f"core-{tid}.img")
     core = core_pb2.core_entry()
@@ -54,6 +56,10 @@ def _core_change(proc: Process, tid: int, drop: int) -> FileWrite | None:
     for n, name in XSAVE_FIELDS.items():
         if drop >> n & 1:
             xs.ClearField(name)
+    if pkru is not None:
+        xs.xstate_bv = int(xs.xstate_bv) | 1 << PKRU
+        del xs.pkru[:]
+        xs.pkru.extend([pkru, 0])  # the 8-byte component as CRIU stores it: PKRU, then 4 padding bytes
     return FileWrite(
         path.name, path.read_bytes(), encode_image(CORE.head, CORE.magic, [core.SerializeToString()])
     )
@@ -175,13 +181,12 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
         more, (start, end) = _relocate(procs[pid], rs)
         changes += more
         vmas.append((pid, start, end))
+    # A drop alone changes nothing CRIU would do; it goes in only alongside a real translation.
+    real = bool(changes) or any(t.core_pkru is not None for t in plan.threads)
     cores = [
         c
         for t in plan.threads
-        if (c := _core_change(procs[t.state.pid], t.state.tid, t.core_drop)) is not None
+        if (c := _core_change(procs[t.state.pid], t.state.tid, t.core_drop if real else 0, t.core_pkru))
     ]
-    if changes:  # only alongside a real translation: on its own CRIU already ignores these components
-        changes += cores
-    else:
-        cores = []
+    changes += cores
     return ChangeSet(changes, rewritten, sum(len(r) for r in relocs.values()), vmas, len(cores))

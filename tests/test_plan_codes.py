@@ -25,7 +25,7 @@ from criu_xstate.plan.frame_rules import (
     SIZE_RULES,
     STATE_RULES,
 )
-from criu_xstate.plan.thread_rules import ABSENT_COMPONENT_RULES, STACK_RULES, THREAD_RULES
+from criu_xstate.plan.thread_rules import ABSENT_COMPONENT_RULES, PKRU_RULES, STACK_RULES, THREAD_RULES
 from criu_xstate.x86.xfeatures import INIT_PKRU, INTEL_OFFSETS
 from criu_xstate.x86.xsave import XSAVE_HEADER_OFFSET
 from tests.test_plan_rules import (
@@ -266,6 +266,10 @@ CASES: dict[str, tuple[Case, Case]] = {
         ),
         (lambda: thread_codes(SMALL, xstate_bv=0x207, in_use=frozenset({9}), pkru=INIT_PKRU), []),
     ),
+    "THREAD_PKRU_MISSING_OPENS_KEYS": (
+        (lambda: thread_codes(ZEN3, xstate_bv=0x7), ["THREAD_PKRU_MISSING_OPENS_KEYS"]),
+        (lambda: thread_codes(ZEN3, xstate_bv=0x7, pkru=0), []),  # a source with pkeys, PKRU really 0
+    ),
     "ISA_FLAGS_MISSING": (
         (lambda: isa(frozenset({"avx"})), [("ISA_FLAGS_MISSING", "WARNING")]),
         (lambda: isa(frozenset({"avx", "avx512f"})), []),
@@ -299,6 +303,7 @@ TABLES = (
     THREAD_RULES,
     STACK_RULES,
     ABSENT_COMPONENT_RULES,
+    PKRU_RULES,
     CHECKPOINT_RULES,
 )
 

@@ -122,6 +122,7 @@ class ThreadPlan:
     frames: tuple[FrameDecision, ...]
     findings: tuple[Finding, ...]
     core_drop: int = 0  # components to leave out of core-<tid>.img alongside a translation (thread_rules)
+    core_pkru: int | None = None  # PKRU to write into core-<tid>.img, which has none (thread_rules)
 
     @property
     def action(self) -> str:

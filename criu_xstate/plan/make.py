@@ -26,10 +26,12 @@ from criu_xstate.plan.inputs import HostFacts, SourceFacts, with_frame_flags
 from criu_xstate.plan.target import choose_target
 from criu_xstate.plan.thread_rules import (
     ABSENT_COMPONENT_RULES,
+    PKRU_RULES,
     STACK_RULES,
     THREAD_RULES,
     ThreadFacts,
     core_drop,
+    core_pkru,
 )
 from criu_xstate.x86.xfeatures import PKRU
 
@@ -94,6 +96,7 @@ def plan_thread_state(state: ThreadState, dest: HostFacts) -> list[Finding]:
         run_rules(STACK_RULES, t, why, t.subject, out)
     for n in t.absent_components():
         run_rules(ABSENT_COMPONENT_RULES, t, n, t.subject, out)
+    run_rules(PKRU_RULES, t, None, t.subject, out)
     return out
 
 
@@ -111,8 +114,9 @@ def make_plan(
         decisions = tuple(
             plan_frame(f, dest, source, allow_relocation=allow_relocation) for f in frames if f.live
         )
-        drop = core_drop(ThreadFacts(state, dest)) if state.xstate_bv is not None else 0
-        plans.append(ThreadPlan(state, decisions, tuple(plan_thread_state(state, dest)), drop))
+        t = ThreadFacts(state, dest)
+        drop = core_drop(t) if state.xstate_bv is not None else 0
+        plans.append(ThreadPlan(state, decisions, tuple(plan_thread_state(state, dest)), drop, core_pkru(t)))
     general = list(extra)
     c = CheckpointFacts(dest, source, strict_isa)
     run_rules(CHECKPOINT_RULES, c, None, c.subject, general)

@@ -2,7 +2,8 @@
 tables: one row per reason code (README, "Plan JSON and reason codes"; docs/plan-rules.md).
 
 make.py runs THREAD_RULES on the thread, STACK_RULES on each stack it could not read, and, when the
-image has an XSAVE state, ABSENT_COMPONENT_RULES on each component the destination lacks.
+image has an XSAVE state, ABSENT_COMPONENT_RULES on each component the destination lacks and
+PKRU_RULES once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,19 @@ def core_drop(t: ThreadFacts) -> int:
     return sum(1 << n for n in absent)
 
 
+def pkru_missing(t: ThreadFacts) -> bool:
+    """The destination has protection keys but core-<tid>.img has no PKRU at all (its source had none):
+    CRIU restores the thread through rt_sigreturn from a frame without the component, which leaves
+    PKRU 0, every key open (measured: tests/test_qemu_pkru.py), where a task started there gets the
+    Linux default."""
+    return t.state.xstate_bv is not None and t.state.pkru is None and bool(t.dest.xcr0 >> PKRU & 1)
+
+
+def core_pkru(t: ThreadFacts) -> int | None:
+    """The decision for core-<tid>.img's PKRU: the Linux default when :func:`pkru_missing`."""
+    return INIT_PKRU if pkru_missing(t) else None
+
+
 def _compat(t: ThreadFacts, _: None) -> Hit | None:
     if not t.state.compat:
         return None
@@ -51,6 +65,17 @@ def _stack_unreadable(t: ThreadFacts, why: str) -> Hit:
     return Hit(
         f"the thread's stack cannot be read from the checkpoint ({why}): an in-flight signal frame "
         "there could be neither checked nor translated"
+    )
+
+
+def _pkru_missing(t: ThreadFacts, _: None) -> Hit | None:
+    if not pkru_missing(t):
+        return None
+    return Hit(
+        f"the saved state has no PKRU (a source without protection keys): CRIU would restore the thread "
+        f"on {t.dest.name} with PKRU 0, every key open, instead of the default 0x{INIT_PKRU:08x}",
+        source="absent",
+        dest="pkeys",
     )
 
 
@@ -102,4 +127,13 @@ ABSENT_COMPONENT_RULES: tuple[Rule[ThreadFacts, int], ...] = (
         "restore on a host with {name}",
     ),
     Rule("THREAD_COMPONENT_INIT_ABSENT_ON_DEST", Severity.INFO, _init_absent),
+)
+
+PKRU_RULES: tuple[Rule[ThreadFacts, None], ...] = (
+    Rule(
+        "THREAD_PKRU_MISSING_OPENS_KEYS",
+        Severity.TRANSLATE,
+        _pkru_missing,
+        f"criu-xstate apply (carries the Linux default 0x{INIT_PKRU:08x} into core-<tid>.img)",
+    ),
 )

@@ -94,6 +94,7 @@ def render_plan_text(
     frames = [fd for t in plan.threads for fd in t.frames]
     changed = sum(1 for fd in frames if fd.action.value in ("translate", "relocate"))
     refused = sum(1 for fd in frames if fd.action.value == "refuse")
+    cores = sum(1 for t in plan.threads if t.core_pkru is not None)
     lines = [
         f"{style(v.value.upper(), _VERDICT_COLOUR[v])}: {_VERDICT_TEXT[v]}",
         *_wrap(
@@ -106,7 +107,7 @@ def render_plan_text(
             else []
         ),
         f"{len(plan.threads)} thread(s), {len(frames)} live frame(s): {changed} to rewrite, "
-        f"{refused} refused",
+        f"{refused} refused" + (f"; {cores} thread state(s) to rewrite (PKRU)" if cores else ""),
     ]
     for f in plan.findings:
         lines += _finding_lines(f, 2, style)
