@@ -12,6 +12,7 @@ the pages file only grows at its end. The frame's ``fpstate`` pointer is rewritt
 
 from __future__ import annotations
 
+import struct
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ class ChangeSet:
     frames_relocated: int
     relocation_vmas: list[tuple[int, int, int]]  # (pid, start, end)
     cores_rewritten: int = 0
+    glibc_sizes_rewritten: int = 0
 
 
 def _core_change(proc: Process, tid: int, drop: int, pkru: int | None) -> FileWrite | None:
@@ -164,7 +166,7 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
     procs = {p.pid: p for p in model.processes}
     changes: list[Change] = []
     relocs: dict[int, list[Relocation]] = defaultdict(list)
-    rewritten = 0
+    rewritten = sizes = 0
     for t in plan.threads:
         proc = procs[t.state.pid]
         for d in t.frames:
@@ -176,6 +178,10 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
             if reloc is not None:
                 relocs[proc.pid].append(reloc)
             rewritten += 1
+    for pp in plan.processes:  # glibc's cached save-area sizes (plan/glibc_rules.py)
+        for vaddr, size in pp.size_patches:
+            changes += _byte_edits(procs[pp.pid], MemoryPatch(pp.pid, vaddr, struct.pack("<Q", size)))
+            sizes += 1
     vmas: list[tuple[int, int, int]] = []
     for pid, rs in relocs.items():
         more, (start, end) = _relocate(procs[pid], rs)
@@ -189,4 +195,5 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
         if (c := _core_change(procs[t.state.pid], t.state.tid, t.core_drop if real else 0, t.core_pkru))
     ]
     changes += cores
-    return ChangeSet(changes, rewritten, sum(len(r) for r in relocs.values()), vmas, len(cores))
+    relocated = sum(len(r) for r in relocs.values())
+    return ChangeSet(changes, rewritten, relocated, vmas, len(cores), sizes)

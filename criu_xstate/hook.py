@@ -93,8 +93,11 @@ def _pre_restore(image_dir: str, config: HookConfig) -> int:
     elif outcome.changed:
         assert outcome.changeset is not None
         decision = "translated"
+        cs = outcome.changeset
+        counts = ((cs.cores_rewritten, "thread state(s)"), (cs.glibc_sizes_rewritten, "glibc size(s)"))
+        more = [f"{n} {what}" for n, what in counts if n]
         _say(
-            f"rewrote {outcome.changeset.frames_rewritten} signal frame(s) for {name} "
+            f"rewrote {cs.frames_rewritten} signal frame(s){''.join(', ' + m for m in more)} for {name} "
             f"(undo: criu-xstate undo {images})"
         )
     else:

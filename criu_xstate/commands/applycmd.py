@@ -33,6 +33,8 @@ def _summary(outcome: Outcome, target: str) -> dict[str, object]:
         "target": target,
         "frames_rewritten": cs.frames_rewritten if cs else 0,
         "frames_relocated": cs.frames_relocated if cs else 0,
+        "threads_rewritten": cs.cores_rewritten if cs else 0,
+        "glibc_sizes_rewritten": cs.glibc_sizes_rewritten if cs else 0,
         "new_mappings": [
             {"pid": p, "start": hex(s), "end": hex(e)} for p, s, e in (cs.relocation_vmas if cs else [])
         ],
@@ -58,7 +60,12 @@ def run_apply(args: argparse.Namespace) -> int:
         _report(args, outcome, "refused: nothing written")
         return ExitCode.REFUSED
     cs = outcome.changeset
-    note = f"rewrote {cs.frames_rewritten} frame(s)" if cs is not None and cs.changes else "nothing to change"
+    note = "nothing to change"
+    if cs is not None and cs.changes:
+        note = (
+            f"rewrote {cs.frames_rewritten} frame(s), {cs.cores_rewritten} thread state(s), "
+            f"{cs.glibc_sizes_rewritten} glibc save-area size(s)"
+        )
     _report(args, outcome, f"{note}; {target} is compatible with {dest.name}")
     return ExitCode.OK
 

@@ -13,6 +13,7 @@ from enum import IntEnum, StrEnum
 from typing import Generic, TypeVar
 
 from criu_xstate.frames import SignalFrame
+from criu_xstate.glibc import GlibcState, GlibcUnread
 from criu_xstate.model import ThreadState
 from criu_xstate.plan.inputs import HostFacts
 
@@ -138,13 +139,26 @@ class ThreadPlan:
 
 
 @dataclass(frozen=True)
+class ProcessPlan:
+    """The plan for what one process's glibc cached at start-up (plan/glibc_rules.py)."""
+
+    pid: int
+    glibc: GlibcState | GlibcUnread
+    findings: tuple[Finding, ...]
+    size_patches: tuple[tuple[int, int], ...] = ()  # (address, new save-area size) to write
+
+
+@dataclass(frozen=True)
 class Plan:
     dest: HostFacts
     threads: tuple[ThreadPlan, ...]
     findings: tuple[Finding, ...] = field(default=())
+    processes: tuple[ProcessPlan, ...] = field(default=())
 
     def all_findings(self) -> list[Finding]:
         out = list(self.findings)
+        for p in self.processes:
+            out.extend(p.findings)
         for t in self.threads:
             out.extend(t.findings)
             for d in t.frames:

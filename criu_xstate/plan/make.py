@@ -7,8 +7,11 @@ turns their findings into a decision; the rules themselves are in the tables (do
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+from criu_xstate import glibc
 from criu_xstate.frames import SignalFrame
+from criu_xstate.glibc import GlibcState, GlibcUnread
 from criu_xstate.model import CheckpointModel, ThreadState
 from criu_xstate.plan import frame_rules as fr
 from criu_xstate.plan.checkpoint_rules import CHECKPOINT_RULES, CheckpointFacts
@@ -18,10 +21,12 @@ from criu_xstate.plan.findings import (
     FrameAction,
     FrameDecision,
     Plan,
+    ProcessPlan,
     Severity,
     ThreadPlan,
     run_rules,
 )
+from criu_xstate.plan.glibc_rules import AREA_RULES, GLIBC_RULES, GlibcFacts, size_patches
 from criu_xstate.plan.inputs import HostFacts, SourceFacts, with_frame_flags
 from criu_xstate.plan.target import choose_target
 from criu_xstate.plan.thread_rules import (
@@ -100,6 +105,17 @@ def plan_thread_state(state: ThreadState, dest: HostFacts) -> list[Finding]:
     return out
 
 
+def plan_glibc(state: GlibcState | GlibcUnread, dest: HostFacts) -> ProcessPlan:
+    """Rules for what one process's glibc cached at start-up (glibc_rules.py)."""
+    g = GlibcFacts(state, dest)
+    out: list[Finding] = []
+    run_rules(GLIBC_RULES, g, None, g.subject, out)
+    if isinstance(state, GlibcState):
+        for area in state.areas:
+            run_rules(AREA_RULES, g, area, g.subject, out)
+    return ProcessPlan(state.pid, state, tuple(out), size_patches(g))
+
+
 def make_plan(
     threads: Sequence[tuple[ThreadState, Sequence[SignalFrame]]],
     dest: HostFacts,
@@ -108,6 +124,7 @@ def make_plan(
     allow_relocation: bool = True,
     strict_isa: bool = False,
     extra: Sequence[Finding] = (),
+    glibc_states: Sequence[GlibcState | GlibcUnread] = (),
 ) -> Plan:
     plans: list[ThreadPlan] = []
     for state, frames in threads:
@@ -120,7 +137,7 @@ def make_plan(
     general = list(extra)
     c = CheckpointFacts(dest, source, strict_isa)
     run_rules(CHECKPOINT_RULES, c, None, c.subject, general)
-    return Plan(dest, tuple(plans), tuple(general))
+    return Plan(dest, tuple(plans), tuple(general), tuple(plan_glibc(g, dest) for g in glibc_states))
 
 
 def plan_for(
@@ -130,8 +147,13 @@ def plan_for(
     *,
     allow_relocation: bool = True,
     strict_isa: bool = False,
+    root: Path | None = Path("/"),
 ) -> Plan:
-    """The plan of a checkpoint; without source flags, those its live frames reveal stand in."""
+    """The plan of a checkpoint; without source flags, those its live frames reveal stand in. ``root``
+    is where the processes' files are (their loader's code is read from there); None skips glibc."""
     threads = [(t.state(), t.frames.live) for t in model.threads()]
     source = with_frame_flags(source, (f for _, frames in threads for f in frames))
-    return make_plan(threads, dest, source, allow_relocation=allow_relocation, strict_isa=strict_isa)
+    states = glibc.read_all(model.processes, root) if root is not None else []
+    return make_plan(
+        threads, dest, source, allow_relocation=allow_relocation, strict_isa=strict_isa, glibc_states=states
+    )

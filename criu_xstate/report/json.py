@@ -9,9 +9,11 @@ import json
 from collections.abc import Sequence
 
 from criu_xstate.frames import SignalFrame
+from criu_xstate.glibc import GlibcState, GlibcUnread
 from criu_xstate.hosts import Difference
 from criu_xstate.model import CheckpointModel, Thread
 from criu_xstate.plan import Finding, FrameAction, FrameDecision, Plan, ThreadPlan
+from criu_xstate.plan.findings import ProcessPlan
 from criu_xstate.x86.xfeatures import component_name
 
 PLAN_SCHEMA = "criu-xstate/plan/v1"
@@ -87,6 +89,31 @@ def thread_plan_json(t: ThreadPlan) -> dict[str, object]:
     }
 
 
+def glibc_json(g: GlibcState | GlibcUnread) -> dict[str, object]:
+    if isinstance(g, GlibcUnread):
+        return {"read": False, "loader": g.loader, "why": g.why}
+    return {
+        "read": True,
+        "loader": g.loader,
+        "static": g.static,
+        "version": g.version,
+        "trampoline": g.trampoline,
+        "usable": sorted(g.active),
+        "save_areas": [
+            {"name": a.name, "address": hex(a.vaddr), "size": a.value, "mask": hex(a.mask)} for a in g.areas
+        ],
+    }
+
+
+def process_plan_json(p: ProcessPlan) -> dict[str, object]:
+    return {
+        "pid": p.pid,
+        "glibc": glibc_json(p.glibc),
+        "rewrite": [{"address": hex(a), "size": v} for a, v in p.size_patches],
+        "reasons": [finding_json(f) for f in p.findings],
+    }
+
+
 def plan_json(plan: Plan) -> dict[str, object]:
     return {
         "schema": PLAN_SCHEMA,
@@ -99,6 +126,7 @@ def plan_json(plan: Plan) -> dict[str, object]:
             "sigreturn_guess": plan.dest.sigreturn_guess,
         },
         "threads": [thread_plan_json(t) for t in plan.threads],
+        "processes": [process_plan_json(p) for p in plan.processes],
         "reasons": [finding_json(f) for f in plan.findings],
     }
 

@@ -8,9 +8,11 @@ import textwrap
 from collections.abc import Mapping, Sequence
 
 from criu_xstate.frames import Liveness, SignalFrame
+from criu_xstate.glibc import GlibcState
 from criu_xstate.images.container import ContainerMeta
 from criu_xstate.model import CheckpointModel, Thread
 from criu_xstate.plan import Finding, Plan, Severity, ThreadPlan, Verdict
+from criu_xstate.plan.findings import ProcessPlan
 from criu_xstate.report.json import mask_names
 
 WIDTH = 80
@@ -51,6 +53,29 @@ def _finding_lines(f: Finding, indent: int, style: Style) -> list[str]:
     lines += _wrap(f.detail, indent + 2)
     if f.remedy and f.severity >= Severity.WARNING:
         lines += _wrap(f"-> {f.remedy}", indent + 2)
+    return lines
+
+
+def glibc_summary(g: GlibcState) -> str:
+    """One line of what a process's glibc cached (``show`` and ``plan``)."""
+    areas = ", ".join(f"{a.name} {a.value} B" for a in g.areas) or "no save area"
+    chose = ", ".join(sorted(g.active)) or "baseline only"
+    kind = "static" if g.static else g.loader
+    return f"glibc {g.version or '?'} ({kind}): {g.trampoline} trampolines, {areas}; usable: {chose}"
+
+
+def _process_lines(p: ProcessPlan, style: Style, verbose: bool) -> list[str]:
+    if isinstance(p.glibc, GlibcState):
+        worst = max((f.severity for f in p.findings), default=Severity.INFO)
+        action = {Severity.REFUSE: "refuse", Severity.TRANSLATE: "translate"}.get(worst, "keep")
+        lines = _wrap(f"{glibc_summary(p.glibc)} -> {action}", 2)
+    elif verbose:
+        lines = _wrap(f"glibc: not read ({p.glibc.why})", 2)
+    else:
+        return []
+    for f in p.findings:
+        if verbose or f.severity >= Severity.WARNING:
+            lines += _finding_lines(f, 4, style)
     return lines
 
 
@@ -118,6 +143,9 @@ def render_plan_text(
         comm = (processes or {}).get(pid)
         lines.append("")
         lines.append(f"pid {pid}" + (f" ({comm})" if comm else ""))
+        for pp in plan.processes:
+            if pp.pid == pid:
+                lines += _process_lines(pp, style, verbose)
         for t in threads:
             lines += _thread_lines(t, style, verbose)
     return "\n".join(lines) + "\n"

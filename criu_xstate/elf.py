@@ -1,0 +1,177 @@
+"""Just enough of an x86-64 ELF file to read a loader's code: its loadable segments (virtual address to
+file offset), its symbols by name, and its build-id.
+
+The file is hostile input like any image (it comes from a checkpoint's root, maybe a container's): every
+offset and count is checked against the file before it is used, reads are bounded, and anything that
+does not fit raises :class:`ElfError` with what was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+MAX_ELF = 256 << 20  # a loader or a static executable; anything bigger is refused, not read
+MAX_SYMBOLS = 1 << 20
+PT_LOAD = 1
+PT_NOTE = 4
+SHT_SYMTAB = 2
+SHT_DYNSYM = 11
+NT_GNU_BUILD_ID = 3
+
+
+class ElfError(Exception):
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+@dataclass(frozen=True)
+class Segment:
+    vaddr: int
+    offset: int
+    filesz: int
+    memsz: int
+    flags: int  # PF_X 1, PF_W 2, PF_R 4
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    value: int
+    size: int
+
+
+class Elf:
+    """A read-only ELF64 little-endian x86-64 file, loaded whole (bounded by MAX_ELF)."""
+
+    def __init__(self, path: Path, data: bytes) -> None:
+        self.path = path
+        self.data = data
+        if len(data) < 64 or data[:4] != b"\x7fELF":
+            raise ElfError(path, "not an ELF file")
+        if data[4] != 2 or data[5] != 1:
+            raise ElfError(path, "not a 64-bit little-endian ELF file")
+        (self.type, machine) = struct.unpack_from("<HH", data, 16)
+        if machine != 62:
+            raise ElfError(path, f"machine {machine}, not x86-64")
+        phoff, shoff = struct.unpack_from("<QQ", data, 32)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+        self.segments = self._segments(phoff, phentsize, phnum)
+        self._sections = self._section_headers(shoff, shentsize, shnum)
+
+    # --- structure ------------------------------------------------------------------------------------
+
+    def _span(self, offset: int, size: int, what: str) -> None:
+        if offset < 0 or size < 0 or offset + size > len(self.data):
+            raise ElfError(
+                self.path, f"{what} [{offset}, +{size}) lies outside the file ({len(self.data)} bytes)"
+            )
+
+    def _segments(self, phoff: int, entsize: int, num: int) -> tuple[Segment, ...]:
+        if entsize != 56:
+            raise ElfError(self.path, f"program header size {entsize}, expected 56")
+        self._span(phoff, entsize * num, "program headers")
+        out = []
+        for i in range(num):
+            p_type, p_flags, off, vaddr, _, filesz, memsz, _ = struct.unpack_from(
+                "<IIQQQQQQ", self.data, phoff + i * 56
+            )
+            if p_type == PT_LOAD:
+                self._span(off, filesz, f"segment {i}")
+                out.append(Segment(vaddr, off, filesz, memsz, p_flags))
+        return tuple(out)
+
+    def _section_headers(self, shoff: int, entsize: int, num: int) -> list[tuple[int, int, int, int, int]]:
+        """(type, offset, size, link, entsize) of each section; none when the file has no table."""
+        if shoff == 0 or num == 0:
+            return []
+        if entsize != 64:
+            raise ElfError(self.path, f"section header size {entsize}, expected 64")
+        self._span(shoff, entsize * num, "section headers")
+        out = []
+        for i in range(num):
+            _, sh_type, _, _, off, size, link, _, _, ent = struct.unpack_from(
+                "<IIQQQQIIQQ", self.data, shoff + i * 64
+            )
+            out.append((sh_type, off, size, link, ent))
+        return out
+
+    # --- reading --------------------------------------------------------------------------------------
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        """Bytes of the file image at a link-time virtual address (inside one segment's file part)."""
+        for s in self.segments:
+            if s.vaddr <= vaddr and vaddr + size <= s.vaddr + s.filesz:
+                off = s.offset + vaddr - s.vaddr
+                return self.data[off : off + size]
+        raise ElfError(self.path, f"0x{vaddr:x} (+{size}) is not in a loaded part of the file")
+
+    def executable_segments(self) -> tuple[Segment, ...]:
+        return tuple(s for s in self.segments if s.flags & 1)
+
+    def symbols(self) -> dict[str, Symbol]:
+        """Defined symbols of .dynsym and .symtab by name (version suffixes are not part of the name)."""
+        out: dict[str, Symbol] = {}
+        for sh_type, off, size, link, ent in self._sections:
+            if sh_type not in (SHT_SYMTAB, SHT_DYNSYM):
+                continue
+            if ent != 24 or size % 24 or size // 24 > MAX_SYMBOLS or not 0 <= link < len(self._sections):
+                raise ElfError(self.path, "malformed symbol table")
+            self._span(off, size, "symbol table")
+            _, str_off, str_size, _, _ = self._sections[link]
+            self._span(str_off, str_size, "string table")
+            strtab = self.data[str_off : str_off + str_size]
+            for i in range(size // 24):
+                name_off, _, _, shndx, value, sym_size = struct.unpack_from(
+                    "<IBBHQQ", self.data, off + i * 24
+                )
+                if shndx == 0 or name_off >= len(strtab):
+                    continue
+                end = strtab.find(b"\0", name_off)
+                name = strtab[name_off : end if end >= 0 else len(strtab)].decode("ascii", "replace")
+                if name:
+                    out.setdefault(name, Symbol(name, value, sym_size))
+        return out
+
+    def build_id(self) -> bytes | None:
+        phoff = struct.unpack_from("<Q", self.data, 32)[0]
+        phnum = struct.unpack_from("<H", self.data, 56)[0]
+        for i in range(phnum):
+            p_type, _, off, _, _, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", self.data, phoff + i * 56)
+            if p_type != PT_NOTE:
+                continue
+            self._span(off, filesz, "note segment")
+            pos, end = off, off + filesz
+            while pos + 12 <= end:
+                namesz, descsz, ntype = struct.unpack_from("<III", self.data, pos)
+                name_end = pos + 12 + (namesz + 3) // 4 * 4
+                desc_end = name_end + (descsz + 3) // 4 * 4
+                if desc_end > end:
+                    break
+                if ntype == NT_GNU_BUILD_ID and self.data[pos + 12 : pos + 12 + namesz] == b"GNU\0":
+                    return self.data[name_end : name_end + descsz]
+                pos = desc_end
+        return None
+
+
+def open_elf(path: Path) -> Elf:
+    """Read a regular file (no symlink is followed at the last component, no FIFO or device opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise ElfError(path, getattr(exc, "strerror", None) or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not (st.st_mode & 0o170000) == 0o100000:
+            raise ElfError(path, "not a regular file")
+        if st.st_size > MAX_ELF:
+            raise ElfError(path, f"{st.st_size} bytes: larger than {MAX_ELF} bytes, not read")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_ELF + 1)
+    finally:
+        os.close(fd)
+    return Elf(path, data)
