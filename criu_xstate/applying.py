@@ -34,6 +34,7 @@ class Options:
     src: str | None = None
     allow_relocation: bool = True
     strict_isa: bool = False
+    root: Path = Path("/")  # where the processes' files are (glibc.py reads their loader there)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class Outcome:
 
 def _plan(model: CheckpointModel, dest: HostFacts, opts: Options, *, relocate: bool) -> Plan:
     source = load_source(opts.src, model)
-    return plan_for(model, dest, source, allow_relocation=relocate, strict_isa=opts.strict_isa)
+    strict = opts.strict_isa
+    return plan_for(model, dest, source, allow_relocation=relocate, strict_isa=strict, root=opts.root)
 
 
 def verify_compatible(images: Path, dest: HostFacts, opts: Options) -> None:

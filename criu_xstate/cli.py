@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="summarize a checkpoint: processes, threads, stacks, XSAVE state, frames")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="images directory or checkpoint archive")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--root", default="/", metavar="DIR", help="where the processes' files are (their loader; default /)"
+    )
     _format_option(p)
     p.set_defaults(handler=_cmd_show)
 
@@ -186,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--strict-isa", action="store_true", help="refuse when the destination lacks CPU flags"
         )
         p.add_argument("--no-relocate", action="store_true", help="refuse instead of relocating XSAVE images")
+        p.add_argument(
+            "--root",
+            default="/",
+            metavar="DIR",
+            help="where the checkpointed processes' files are (their glibc loader is read from there; "
+            "default /; a container's root file system for a container checkpoint)",
+        )
         p.add_argument("--json", action="store_true", help="the plan JSON (schema criu-xstate/plan/v1)")
         _format_option(p)
 

@@ -47,7 +47,9 @@ def _summary(outcome: Outcome, target: str) -> dict[str, object]:
 def run_apply(args: argparse.Namespace) -> int:
     dest = _single_dest(args)
     src = Path(args.checkpoint)
-    opts = Options(src=args.src, allow_relocation=not args.no_relocate, strict_isa=args.strict_isa)
+    opts = Options(
+        src=args.src, allow_relocation=not args.no_relocate, strict_isa=args.strict_isa, root=Path(args.root)
+    )
     if args.in_place:
         if is_archive(src):
             raise ApplyError(f"{src}: an archive cannot be changed in place; use --out DIR")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from criu_xstate.commands.common import opened_model, refuse_if_interrupted, use_colour
 from criu_xstate.commands.planning import load_destinations, load_source, plan_for
@@ -22,7 +23,14 @@ def run(args: argparse.Namespace) -> int:
         plans = [
             (
                 d.name,
-                plan_for(model, d, source, allow_relocation=not args.no_relocate, strict_isa=args.strict_isa),
+                plan_for(
+                    model,
+                    d,
+                    source,
+                    allow_relocation=not args.no_relocate,
+                    strict_isa=args.strict_isa,
+                    root=Path(args.root),
+                ),
             )
             for d in dests
         ]

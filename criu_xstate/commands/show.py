@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
+from criu_xstate import glibc
 from criu_xstate.commands.common import INTERRUPTED, journal_of, opened_model
 from criu_xstate.errors import ExitCode
 from criu_xstate.report import container_line, dumps, show_json, show_text
@@ -19,13 +21,14 @@ def run(args: argparse.Namespace) -> int:
     journal = journal_of(args.checkpoint)
     with opened_model(args.checkpoint) as model:
         meta = model.checkpoint.container()
+        states = {g.pid: g for g in glibc.read_all(model.processes, Path(args.root))}
         if args.json:
-            doc = show_json(model, args.checkpoint)
+            doc = show_json(model, args.checkpoint, states)
             doc["journal"] = journal
             doc["container"] = dataclasses.asdict(meta) if meta else None
             out = dumps(doc)
         else:
-            out = show_text(model, args.checkpoint)
+            out = show_text(model, args.checkpoint, states)
             if meta is not None:
                 out = f"{container_line(meta)}\n{out}"
             if journal == "pending":

@@ -6,7 +6,7 @@ JSON and reason codes"); keys and their order are part of them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from criu_xstate.frames import SignalFrame
 from criu_xstate.glibc import GlibcState, GlibcUnread
@@ -193,7 +193,10 @@ def _thread_json(t: Thread) -> dict[str, object]:
     }
 
 
-def show_json(model: CheckpointModel, source: str) -> dict[str, object]:
+def show_json(
+    model: CheckpointModel, source: str, glibc: Mapping[int, GlibcState | GlibcUnread] | None = None
+) -> dict[str, object]:
+    glibc = glibc or {}
     return {
         "schema": SHOW_SCHEMA,
         "checkpoint": source,
@@ -211,6 +214,7 @@ def show_json(model: CheckpointModel, source: str) -> dict[str, object]:
                     }
                     for s in p.sigactions
                 ],
+                "glibc": glibc_json(glibc[p.pid]) if p.pid in glibc else None,
                 "threads": [_thread_json(t) for t in p.threads],
             }
             for p in model.processes

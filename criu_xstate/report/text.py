@@ -8,7 +8,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 
 from criu_xstate.frames import Liveness, SignalFrame
-from criu_xstate.glibc import GlibcState
+from criu_xstate.glibc import GlibcState, GlibcUnread
 from criu_xstate.images.container import ContainerMeta
 from criu_xstate.model import CheckpointModel, Thread
 from criu_xstate.plan import Finding, Plan, Severity, ThreadPlan, Verdict
@@ -203,11 +203,18 @@ def _show_thread(t: Thread) -> list[str]:
     return lines
 
 
-def show_text(model: CheckpointModel, source: str) -> str:
+def show_text(
+    model: CheckpointModel, source: str, glibc: Mapping[int, GlibcState | GlibcUnread] | None = None
+) -> str:
     lines = [f"{source}: {len(model.processes)} process(es), {sum(1 for _ in model.threads())} thread(s)"]
     for p in model.processes:
         handlers = ", ".join(str(s.signo) for s in p.sigactions) or "none"
         lines += ["", f"pid {p.pid} ppid {p.ppid} ({p.comm}); handlers for signals: {handlers}"]
+        g = (glibc or {}).get(p.pid)
+        if isinstance(g, GlibcState):
+            lines += _wrap(glibc_summary(g), 2)
+        elif g is not None:
+            lines += _wrap(f"glibc: not read ({g.why})", 2)
         for t in p.threads:
             lines += _show_thread(t)
     return "\n".join(lines) + "\n"
