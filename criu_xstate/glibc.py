@@ -169,16 +169,20 @@ def _version(elf: Elf) -> str | None:
 
 
 def read_code(elf: Elf) -> _Code:
+    """Where cpu_features is: named by ld.so's ``_dl_x86_get_cpu_features`` (lea ...(%rip), %rax), or
+    in a static executable by its own symbol ``_dl_x86_cpu_features`` (.symtab: not when stripped)."""
     syms = elf.symbols()
     getter = syms.get("_dl_x86_get_cpu_features")
-    if getter is None:
-        raise ElfError(elf.path, "no _dl_x86_get_cpu_features symbol (not glibc 2.26+, or stripped)")
-    head = elf.read(getter.value, 7)
-    if head[:3] != b"\x48\x8d\x05":
-        raise ElfError(
-            elf.path, f"_dl_x86_get_cpu_features does not start with lea (%rip), %rax: {head.hex()}"
-        )
-    return _Code(_rip_target(elf, getter.value, 7), _trampolines(elf), _version(elf))
+    if getter is not None:
+        head = elf.read(getter.value, 7)
+        if head[:3] != b"\x48\x8d\x05":
+            raise ElfError(elf.path, f"_dl_x86_get_cpu_features is not lea (%rip), %rax: {head.hex()}")
+        features = _rip_target(elf, getter.value, 7)
+    elif (var := syms.get("_dl_x86_cpu_features")) is not None:
+        features = var.value
+    else:
+        raise ElfError(elf.path, "neither _dl_x86_get_cpu_features nor _dl_x86_cpu_features (stripped?)")
+    return _Code(features, _trampolines(elf), _version(elf))
 
 
 def _leaf1_agrees(basic: tuple[int, ...], leaf1_eax: int) -> bool:
@@ -257,7 +261,7 @@ def read_glibc(
         elf = cache.get(path)
         if (bad := _file_matches(elf, reg)) is not None:
             return GlibcUnread(proc.pid, reg.name, bad)
-        if static and "_dl_x86_get_cpu_features" not in elf.symbols():
+        if static and not {"_dl_x86_get_cpu_features", "_dl_x86_cpu_features"} & elf.symbols().keys():
             return None  # a static executable without glibc's x86 start-up (or stripped): nothing to say
         code = read_code(elf)
     except ElfError as exc:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from criu_xstate.frames import Abi
+from criu_xstate.glibc import GlibcUnread
 from criu_xstate.plan import HostFacts, SourceFacts, make_plan, plan_frame, plan_thread_state
 from criu_xstate.plan.checkpoint_rules import CHECKPOINT_RULES
 from criu_xstate.plan.frame_rules import (
@@ -25,9 +26,15 @@ from criu_xstate.plan.frame_rules import (
     SIZE_RULES,
     STATE_RULES,
 )
+from criu_xstate.plan.glibc_rules import AREA_RULES, GLIBC_RULES
 from criu_xstate.plan.thread_rules import ABSENT_COMPONENT_RULES, PKRU_RULES, STACK_RULES, THREAD_RULES
 from criu_xstate.x86.xfeatures import INIT_PKRU, INTEL_OFFSETS
 from criu_xstate.x86.xsave import XSAVE_HEADER_OFFSET
+from tests.test_glibc import AMD as GAMD
+from tests.test_glibc import FLAGS as GFLAGS
+from tests.test_glibc import codes as glibc_codes
+from tests.test_glibc import dest as gdest
+from tests.test_glibc import state as gstate
 from tests.test_plan_rules import (
     ICX,
     SMALL,
@@ -43,6 +50,7 @@ from tests.test_plan_rules import (
 )
 
 README = Path(__file__).parents[1] / "README.md"
+GZEN4 = gdest("zen4", 0xE7, GAMD)
 PKRU_DEFAULT = {9: struct.pack("<Q", INIT_PKRU)}
 PKRU_KEYS = {9: struct.pack("<Q", 0x55555550)}
 AVX2_INTEL = host("intel-avx2", 0x7, INTEL_OFFSETS)
@@ -270,6 +278,28 @@ CASES: dict[str, tuple[Case, Case]] = {
         (lambda: thread_codes(ZEN3, xstate_bv=0x7), ["THREAD_PKRU_MISSING_OPENS_KEYS"]),
         (lambda: thread_codes(ZEN3, xstate_bv=0x7, pkru=0), []),  # a source with pkeys, PKRU really 0
     ),
+    "GLIBC_STATE_UNREAD": (
+        (lambda: glibc_codes(GlibcUnread(7, None, "no loader here"), GZEN4), ["GLIBC_STATE_UNREAD"]),
+        (lambda: glibc_codes(gstate(2496), GZEN4), []),
+    ),
+    "GLIBC_FEATURE_MISSING_ON_DEST": (
+        (
+            lambda: glibc_codes(gstate(832 + 64), gdest("sandy", 0x7, GAMD, GFLAGS - {"avx2"})),
+            ["GLIBC_FEATURE_MISSING_ON_DEST"],
+        ),
+        (lambda: glibc_codes(gstate(832 + 64), gdest("haswell", 0x7, GAMD)), []),
+    ),
+    "GLIBC_TRAMPOLINE_UNSUPPORTED": (
+        (
+            lambda: glibc_codes(gstate(896), gdest("old", 0x7, GAMD, GFLAGS - {"xsavec"})),
+            ["GLIBC_TRAMPOLINE_UNSUPPORTED"],
+        ),
+        (lambda: glibc_codes(gstate(896, "xsave"), gdest("old", 0x7, GAMD, GFLAGS - {"xsavec"})), []),
+    ),
+    "GLIBC_SAVE_AREA_TOO_SMALL": (
+        (lambda: glibc_codes(gstate(896), GZEN4), ["GLIBC_SAVE_AREA_TOO_SMALL"]),
+        (lambda: glibc_codes(gstate(2496), GZEN4), []),
+    ),
     "ISA_FLAGS_MISSING": (
         (lambda: isa(frozenset({"avx"})), [("ISA_FLAGS_MISSING", "WARNING")]),
         (lambda: isa(frozenset({"avx", "avx512f"})), []),
@@ -305,6 +335,8 @@ TABLES = (
     ABSENT_COMPONENT_RULES,
     PKRU_RULES,
     CHECKPOINT_RULES,
+    GLIBC_RULES,
+    AREA_RULES,
 )
 
 
