@@ -58,7 +58,9 @@ class Feature:
 
 # The instruction-set features the x86-64 string, memory and math ifuncs of glibc 2.33-2.41 choose on
 # (sysdeps/x86_64/multiarch/ifunc-*.h): a process whose glibc found one usable may run code that needs
-# it. ERMS and FSRM are left out on purpose: they choose between variants that run on any CPU.
+# it; each can be masked with GLIBC_TUNABLES=glibc.cpu.hwcaps=-NAME (sysdeps/x86/cpu-tunables.c). Left out
+# on purpose: ERMS and FSRM choose between variants that run on any CPU; F16C and AVX512_VBMI choose
+# no ifunc (and the tunable cannot mask them: measured, tests/test_qemu_glibc.py).
 IFUNC_FEATURES: tuple[Feature, ...] = (
     Feature("SSSE3", 0, ECX, 9, "ssse3"),
     Feature("FMA", 0, ECX, 12, "fma"),
@@ -67,7 +69,6 @@ IFUNC_FEATURES: tuple[Feature, ...] = (
     Feature("MOVBE", 0, ECX, 22, "movbe"),
     Feature("POPCNT", 0, ECX, 23, "popcnt"),
     Feature("AVX", 0, ECX, 28, "avx"),
-    Feature("F16C", 0, ECX, 29, "f16c"),
     Feature("BMI1", 1, EBX, 3, "bmi1"),
     Feature("AVX2", 1, EBX, 5, "avx2"),
     Feature("BMI2", 1, EBX, 8, "bmi2"),
@@ -77,7 +78,6 @@ IFUNC_FEATURES: tuple[Feature, ...] = (
     Feature("AVX512CD", 1, EBX, 28, "avx512cd"),
     Feature("AVX512BW", 1, EBX, 30, "avx512bw"),
     Feature("AVX512VL", 1, EBX, 31, "avx512vl"),
-    Feature("AVX512_VBMI", 1, ECX, 1, "avx512vbmi"),
     Feature("LZCNT", 2, ECX, 5, "abm"),
     Feature("FMA4", 2, ECX, 16, "fma4"),
 )

@@ -33,9 +33,9 @@ static void put(const char *dir, const char *name, const char *text)
 int main(int argc, char **argv)
 {
 	struct { const char *name; int on; } f[] = {
-		F(SSSE3), F(FMA), F(SSE4_1), F(SSE4_2), F(MOVBE), F(POPCNT), F(AVX), F(F16C), F(BMI1),
+		F(SSSE3), F(FMA), F(SSE4_1), F(SSE4_2), F(MOVBE), F(POPCNT), F(AVX), F(BMI1),
 		F(AVX2), F(BMI2), F(RTM), F(AVX512F), F(AVX512DQ), F(AVX512CD), F(AVX512BW), F(AVX512VL),
-		F(AVX512_VBMI), F(LZCNT), F(FMA4),
+		F(LZCNT), F(FMA4),
 	};
 	char truth[2048], go[4096], result[256];
 	if (argc != 2)

@@ -1,0 +1,137 @@
+"""Issue 15 on real kernels: a glibc process dumped in a QEMU guest whose CPU has AVX2 (Haswell-noTSX)
+and planned for one without it (SandyBridge) is refused by name; restored there anyway, it dies at its
+first string function (the control). Started again with the tunables the refusal names, the same
+migration is allowed and the restored process runs: its ifuncs chose variants SandyBridge executes.
+
+The workload runs on trixie's glibc 2.41 (the libraries the guest has for CRIU), through a copy of
+its loader (a process mapping the very loader CRIU runs under cannot be restored: docs/glibc-state.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from criu_xstate import hosts
+from criu_xstate.cli import main
+from criu_xstate.x86.cpuid import parse_dump
+from tests import qemu_guest
+from tests.qemu_guest import SHARED, run_guest
+from tests.realcriu import CACHE, WORKLOADS
+
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
+
+SOURCE_CPU = "Haswell-noTSX"  # AVX2, BMI1/2, FMA, MOVBE, LZCNT; XSAVE without XSAVEC
+DEST_CPU = "SandyBridge"  # AVX without AVX2 and the rest
+LOADER = f"{SHARED}/ld/ld-linux-x86-64.so.2"
+EXE = f"{SHARED}/bin/glibc_features"
+GUEST_LIBS = "/criu/usr/lib/x86_64-linux-gnu"  # trixie's libraries, in every guest for CRIU
+
+
+def _files(tmp: Path) -> dict[str, Path]:
+    exe = tmp / "glibc_features"
+    cmd = ["gcc", "-O2", "-o", str(exe), str(WORKLOADS / "glibc_features.c")]
+    cmd += [f"-Wl,--dynamic-linker={LOADER}", f"-Wl,-rpath,{GUEST_LIBS}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    files = qemu_guest.guest_files()
+    return {
+        EXE: exe,
+        LOADER: CACHE / "criu-4.1.1" / "usr" / "lib" / "x86_64-linux-gnu" / "ld-linux-x86-64.so.2",
+        "bin/probe-dump": files["bin/probe-dump"],
+    }
+
+
+def _root(tmp: Path, files: dict[str, Path]) -> Path:
+    """Where the guest's files are for the plan on this machine: its loader at the guest's path."""
+    root = tmp / "root"
+    (root / LOADER.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(files[LOADER], root / LOADER.lstrip("/"))
+    return root
+
+
+def _dump(files: dict[str, Path], where: Path, tunables: str | None) -> tuple[Path, int]:
+    env = f"GLIBC_TUNABLES={tunables} " if tunables else ""
+    scenario = f"""
+W={SHARED}/wl
+mkdir -p $W && chown 1000:1000 $W
+echo {qemu_guest.free_pid_window()} > /proc/sys/kernel/ns_last_pid
+su -s /bin/sh user -c "{env}setsid {EXE} $W </dev/null >/dev/null 2>&1 &"
+for i in $(seq 1 300); do [ -e $W/ready ] && break; sleep 0.1; done
+PID=$(pidof glibc_features)
+echo "workload pid $PID"
+cp $W/truth /out/truth
+mkdir -p /out/images
+/criu/criu dump -t $PID -D /out/images -o dump.log -v4
+echo "dump exit $?"
+"""
+    g = run_guest(scenario, files, where, cpu=SOURCE_CPU)
+    assert "dump exit 0" in g.log, g.log[-2000:]
+    pid = int(re.search(r"workload pid (\d+)", g.log).group(1))  # type: ignore[union-attr]
+    return g.out / "images", pid
+
+
+def _plan(images: Path, dest: Path, root: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    capsys.readouterr()
+    main(["plan", str(images), "--dest", str(dest), "--root", str(root), "--json"])
+    doc: dict[str, object] = json.loads(capsys.readouterr().out)
+    return doc
+
+
+def test_ifunc_features_are_refused_by_name_and_the_tunables_it_names_make_it_restorable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reason = qemu_guest.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    files = _files(tmp_path)
+    root = _root(tmp_path, files)
+    probe = run_guest("/bin/probe-dump > /out/probe.txt\n", files, tmp_path / "probe", cpu=DEST_CPU)
+    profile = hosts.profile_from_facts(
+        parse_dump((probe.out / "probe.txt").read_text(), "probe.txt"), DEST_CPU
+    )
+    dest = tmp_path / "sandybridge.yaml"
+    dest.write_text(hosts.dump_profile(profile))
+    assert "avx2" not in profile.flags
+
+    plain, pid_plain = _dump(files, tmp_path / "src-plain", None)
+    refused = _plan(plain, dest, root, capsys)
+    (proc,) = refused["processes"]  # type: ignore[misc]
+    assert proc["glibc"]["read"] and "AVX2" in proc["glibc"]["usable"], proc
+    reasons = {r["code"]: r for r in proc["reasons"]}
+    assert refused["verdict"] == "refuse" and "GLIBC_FEATURE_MISSING_ON_DEST" in reasons, proc
+    tunables = re.search(r"GLIBC_TUNABLES=(\S+)", reasons["GLIBC_FEATURE_MISSING_ON_DEST"]["remedy"]).group(1)  # type: ignore[union-attr]
+    assert "-AVX2" in tunables.split("=", 1)[1].split(","), tunables
+
+    masked, pid_masked = _dump(files, tmp_path / "src-masked", tunables)
+    allowed = _plan(masked, dest, root, capsys)
+    (proc,) = allowed["processes"]  # type: ignore[misc]
+    assert allowed["verdict"] != "refuse" and not proc["reasons"], allowed
+    assert proc["glibc"]["read"] and "AVX2" not in proc["glibc"]["usable"], proc
+
+    # Both restored on SandyBridge: the refused one is the control, the allowed one must run.
+    w = f"{SHARED}/wl"
+    steps = ""
+    for name, pid in (("plain", pid_plain), ("masked", pid_masked)):
+        steps += f"""
+rm -f {w}/go {w}/result {w}/done
+/criu/criu restore -D /in/{name} -d -o /out/restore-{name}.log -v4
+echo "restore {name} exit $?"
+touch {w}/go
+for i in $(seq 1 100); do [ -e {w}/done ] && break; [ -d /proc/{pid} ] || break; sleep 0.1; done
+cp {w}/result /out/result-{name} 2>/dev/null
+dmesg | grep -i 'trap invalid opcode' | tail -1 > /out/trap-{name}
+for i in $(seq 1 30); do [ -d /proc/{pid} ] || break; sleep 0.1; done
+"""
+    scenario = f"mkdir -p {w} && chown 1000:1000 {w}\n{steps}"
+    g = run_guest(
+        scenario, {**files, "in/plain": plain, "in/masked": masked}, tmp_path / "dest", cpu=DEST_CPU
+    )
+    assert "restore plain exit 0" in g.log and "restore masked exit 0" in g.log, g.log[-2000:]
+    assert not (g.out / "result-plain").exists(), "the refused process ran on a CPU without AVX2"
+    assert "invalid opcode" in (g.out / "trap-plain").read_text(), g.dmesg[-2000:]
+    assert (g.out / "result-masked").read_text().startswith("ok "), g.log[-2000:]
