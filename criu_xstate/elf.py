@@ -140,6 +140,7 @@ class Elf:
     def build_id(self) -> bytes | None:
         phoff = struct.unpack_from("<Q", self.data, 32)[0]
         phnum = struct.unpack_from("<H", self.data, 56)[0]
+        self._span(phoff, 56 * phnum, "program headers")
         for i in range(phnum):
             p_type, _, off, _, _, filesz, _, _ = struct.unpack_from("<IIQQQQQQ", self.data, phoff + i * 56)
             if p_type != PT_NOTE:

@@ -10,6 +10,7 @@ without GLIBC_TUNABLES masking AVX2. Nothing here assumes the CPU: the expectati
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -18,9 +19,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from criu_xstate.cli import main
-from criu_xstate.glibc import IFUNC_FEATURES, GlibcState, SaveArea, needed, rewritten, save_extent
+from criu_xstate.elf import Elf, ElfError
+from criu_xstate.glibc import IFUNC_FEATURES, GlibcState, SaveArea, needed, read_code, rewritten, save_extent
 from criu_xstate.plan import HostFacts
 from criu_xstate.plan.make import plan_glibc
 from tests.realcriu import CACHE, WORKLOADS, criu, skip_reason
@@ -240,3 +244,39 @@ def test_a_rewritten_save_area_restores_and_keeps_working(
     while not (work / "done").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert (work / "result").read_text().startswith("ok "), (fixed / "restore.log").read_text()[-2000:]
+
+
+# --- hostile loaders ---------------------------------------------------------------------------------
+
+SYSTEM_LOADER = Path("/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+
+
+@pytest.mark.skipif(not SYSTEM_LOADER.exists(), reason="no glibc loader on this system")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    edits=st.lists(
+        st.tuples(
+            st.sampled_from(["head", "anywhere"]), st.integers(0, 1 << 20), st.binary(min_size=1, max_size=8)
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_a_damaged_loader_gives_only_elf_errors(edits: list[tuple[str, int, bytes]]) -> None:
+    """Headers, tables and code of a real ld.so with bytes overwritten: reading it raises ElfError
+    or works, never anything else (the file is as hostile as any image)."""
+    data = bytearray(_loader_bytes())
+    for where, pos, new in edits:
+        at = {"head": pos % 4096, "tail": len(data) - 1 - pos % 4096}.get(where, pos % len(data))
+        data[at : at + len(new)] = new
+    try:
+        elf = Elf(SYSTEM_LOADER, bytes(data))
+        read_code(elf)
+        elf.build_id()
+    except ElfError:
+        pass
+
+
+@functools.cache
+def _loader_bytes() -> bytes:
+    return SYSTEM_LOADER.read_bytes()
