@@ -15,7 +15,7 @@ REPO = Path(__file__).parents[1]
 def test_nodes_for_checkpoint(tmp_path: Path) -> None:
     nodes = tmp_path / "nodes"
     nodes.mkdir()
-    for name in ("amd-zen2", "amd-zen4", "this-machine-zen4-epyc-vm"):
+    for name in ("amd-zen2", "amd-zen4", "amd-epyc-zen4-vm-nopku"):
         shutil.copy2(REPO / "contrib" / "hosts" / f"{name}.yaml", nodes)
     script = str(REPO / "contrib" / "kubernetes" / "nodes-for-checkpoint")
     ck = str(REPO / "tests" / "fixtures" / "siginfo")
@@ -31,8 +31,8 @@ def test_nodes_for_checkpoint(tmp_path: Path) -> None:
         ]
         return list(terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"])
 
-    assert admitted(strict.stdout) == ["this-machine-zen4-epyc-vm"]
-    assert admitted(loose.stdout) == ["amd-zen4", "this-machine-zen4-epyc-vm"]
+    assert admitted(strict.stdout) == ["amd-epyc-zen4-vm-nopku"]
+    assert admitted(loose.stdout) == ["amd-epyc-zen4-vm-nopku", "amd-zen4"]
     only_zen2 = tmp_path / "zen2"
     only_zen2.mkdir()
     shutil.copy2(nodes / "amd-zen2.yaml", only_zen2)

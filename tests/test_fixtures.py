@@ -19,7 +19,7 @@ from criu_xstate.model import load_model
 FIXTURES = Path(__file__).parent / "fixtures"
 MODES = sorted(p.name for p in FIXTURES.iterdir() if (p / "truth.json").exists())
 HOSTS = Path(__file__).parents[1] / "contrib" / "hosts"
-HERE = HOSTS / "this-machine-zen4-epyc-vm.yaml"  # the machine the fixtures were dumped on
+HERE = HOSTS / "amd-epyc-zen4-vm-nopku.yaml"  # the machine the fixtures were dumped on
 
 
 def truth(mode: str) -> list[dict[str, object]]:
@@ -139,7 +139,7 @@ def test_plan_against_other_hosts(
     assert codes <= found
 
 
-# The siginfo fixture (AVX-512 and PKRU in use, dumped on this-machine-zen4-epyc-vm) against every
+# The siginfo fixture (AVX-512 and PKRU in use, dumped on amd-epyc-zen4-vm-nopku) against every
 # shipped profile: each verdict tied to its host.
 SIGINFO_VERDICTS = {
     "amd-zen2": "refuse",
@@ -152,7 +152,7 @@ SIGINFO_VERDICTS = {
     "intel-sapphire-rapids": "translate",
     "intel-skylake-sp": "translate",
     "qemu-tcg-max": "refuse",
-    "this-machine-zen4-epyc-vm": "compatible",
+    "amd-epyc-zen4-vm-nopku": "compatible",
 }
 
 

@@ -48,7 +48,7 @@ def test_hook_modes(
     shutil.copytree(FIXTURE, ck)
     before = _snapshot(ck)
     assert _hook(monkeypatch, ck, "amd-zen4.yaml", action="post-restore") == 0  # other actions: no-op
-    assert _hook(monkeypatch, ck, "this-machine-zen4-epyc-vm.yaml") == 0  # compatible: nothing written
+    assert _hook(monkeypatch, ck, "amd-epyc-zen4-vm-nopku.yaml") == 0  # compatible: nothing written
     assert _hook(monkeypatch, ck, "amd-zen4.yaml", mode="check") == 1  # needs apply, check mode refuses
     assert _hook(monkeypatch, ck, "amd-zen2.yaml") == 1  # refused
     assert _snapshot(ck) == before

@@ -117,7 +117,7 @@ def test_baseline_spr_zen4_here(tmp_path: Path, capsys: pytest.CaptureFixture[st
     files = [
         HOSTS / "intel-sapphire-rapids.yaml",
         HOSTS / "amd-zen4.yaml",
-        HOSTS / "this-machine-zen4-epyc-vm.yaml",
+        HOSTS / "amd-epyc-zen4-vm-nopku.yaml",
     ]
     fleet, gave_up = hosts.baseline([hosts.load_profile(f) for f in files])
     assert fleet.xsave.xcr0 == 0xE7  # no PKRU here, no AMX on AMD
@@ -125,7 +125,7 @@ def test_baseline_spr_zen4_here(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert fleet.xsave.user_size == 2432 and fleet.xsave.mxcsr_mask == 0xFFFF
     assert any("AMX XTILEDATA" in g for g in gave_up["intel-sapphire-rapids"])
     assert any("PKRU" in g for g in gave_up["amd-zen4"])
-    mine = gave_up["this-machine-zen4-epyc-vm"]
+    mine = gave_up["amd-epyc-zen4-vm-nopku"]
     assert any(g.startswith("mxcsr_mask") for g in mine)  # AMD's MM bit: Intel lacks it
     assert not any(g.startswith(("AVX", "PKRU", "AMX", "user_size")) for g in mine)  # no XSAVE state lost
     out = tmp_path / "fleet.yaml"

@@ -148,7 +148,7 @@ def test_lazy_stack_pages_are_unreadable_and_refused(ck: Path, capsys: pytest.Ca
         entries.append(e2)
     (ck / f"pagemap-{PID}.img").write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
     (ck / "pages-1.img").write_bytes(bytes(kept))
-    here = Path(__file__).parents[1] / "contrib" / "hosts" / "this-machine-zen4-epyc-vm.yaml"
+    here = Path(__file__).parents[1] / "contrib" / "hosts" / "amd-epyc-zen4-vm-nopku.yaml"
     assert main(["plan", str(ck), "--dest", str(here)]) == 1
     out = capsys.readouterr().out
     assert "STACK_UNREADABLE" in out and f"tid {PID}" in out and "lazy" in out

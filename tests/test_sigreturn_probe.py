@@ -274,7 +274,7 @@ def test_baseline_keeps_the_weakest_provenance_and_compare_names_it() -> None:
 def test_plan_says_when_the_destination_rule_is_a_guess(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    here = yaml.safe_load((HOSTS / "this-machine-zen4-epyc-vm.yaml").read_text())
+    here = yaml.safe_load((HOSTS / "amd-epyc-zen4-vm-nopku.yaml").read_text())
     for source, warned in (("measured", False), ("guessed", True)):
         here["kernel"].update(sigreturn_source=source, sigreturn_reason="no exec page")
         dest = tmp_path / f"{source}.yaml"
