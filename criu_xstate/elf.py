@@ -176,3 +176,58 @@ def open_elf(path: Path) -> Elf:
     finally:
         os.close(fd)
     return Elf(path, data)
+
+
+PT_DYNAMIC = 2
+DT_NULL, DT_JMPREL, DT_BIND_NOW, DT_FLAGS, DT_FLAGS_1 = 0, 23, 24, 30, 0x6FFFFFFB
+DF_BIND_NOW, DF_1_NOW = 0x8, 0x1
+MAX_DYNAMIC = 1 << 16
+
+
+@dataclass(frozen=True)
+class Binding:
+    lazy_plt: bool  # has PLT relocations bound at first call (DT_JMPREL without BIND_NOW)
+
+
+def read_binding(path: Path) -> Binding:
+    """Whether an object binds its PLT lazily, from its dynamic section alone (a few preads, not the
+    whole file: a process may map many large libraries)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise ElfError(path, getattr(exc, "strerror", None) or str(exc)) from None
+    try:
+        if (os.fstat(fd).st_mode & 0o170000) != 0o100000:
+            raise ElfError(path, "not a regular file")
+        head = os.pread(fd, 64, 0)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            raise ElfError(path, "not a 64-bit little-endian ELF file")
+        phoff = struct.unpack_from("<Q", head, 32)[0]
+        phentsize, phnum = struct.unpack_from("<HH", head, 54)
+        if phentsize != 56 or phnum > 4096:
+            raise ElfError(path, "malformed program headers")
+        table = os.pread(fd, 56 * phnum, phoff)
+        if len(table) != 56 * phnum:
+            raise ElfError(path, "program headers lie outside the file")
+        dyn = next(
+            (
+                struct.unpack_from("<IIQQQQQQ", table, i * 56)
+                for i in range(phnum)
+                if struct.unpack_from("<I", table, i * 56)[0] == PT_DYNAMIC
+            ),
+            None,
+        )
+        if dyn is None:
+            return Binding(False)  # static: no PLT the dynamic loader binds
+        data = os.pread(fd, min(dyn[5], MAX_DYNAMIC), dyn[2])
+    finally:
+        os.close(fd)
+    jmprel = now = False
+    for pos in range(0, len(data) - 15, 16):
+        tag, val = struct.unpack_from("<qQ", data, pos)
+        if tag == DT_NULL:
+            break
+        jmprel |= tag == DT_JMPREL
+        now |= tag == DT_BIND_NOW or (tag == DT_FLAGS and bool(val & DF_BIND_NOW))
+        now |= tag == DT_FLAGS_1 and bool(val & DF_1_NOW)
+    return Binding(jmprel and not now)

@@ -22,13 +22,14 @@ and checked against the size (and build-id, when recorded) in ``files.img``.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from criu_xstate.elf import Elf, ElfError, open_elf
+from criu_xstate.elf import Elf, ElfError, open_elf, read_binding
 from criu_xstate.errors import ImageError, MemoryUnreadable
 from criu_xstate.images.addrspace import VMA_FILE_PRIVATE, VMA_FILE_SHARED
 from criu_xstate.images.files import RegFile, read_reg_files
@@ -108,6 +109,13 @@ class GlibcState:
     active: frozenset[str]  # IFUNC_FEATURES glibc found usable
     areas: tuple[SaveArea, ...]
     static: bool
+    lazy: tuple[str, ...] | None = None  # objects whose PLT binds at first call; None: not known
+    tunables: str | None = None  # GLIBC_TUNABLES in the process's environment at start-up
+
+    @property
+    def bound_at_start(self) -> bool:
+        """No object binds lazily (BIND_NOW, or LD_BIND_NOW): the resolve trampoline never runs."""
+        return self.lazy == ()
 
 
 @dataclass(frozen=True)
@@ -269,11 +277,57 @@ def read_glibc(
     first = min((s for s in elf.segments if s.offset == 0), key=lambda s: s.vaddr, default=None)
     bias = start_minus_pgoff - ((first.vaddr & ~0xFFF) if first is not None else 0)
     try:
-        return _read_state(proc, reg.name, code, bias, static)
+        env = _environment(proc)
+        state = _read_state(proc, reg.name, code, bias, static)
+        lazy = () if env.get("LD_BIND_NOW") else _lazy_objects(proc, files, root, reg.id)
+        return dataclasses.replace(state, lazy=lazy, tunables=env.get("GLIBC_TUNABLES"))
     except MemoryUnreadable as exc:
         return GlibcUnread(proc.pid, reg.name, f"cpu_features unreadable: {exc.reason}")
     except ValueError as exc:
         return GlibcUnread(proc.pid, reg.name, str(exc))
+
+
+MAX_ENVIRONMENT = 1 << 20
+
+
+def _environment(proc: Process) -> dict[str, str]:
+    """The process's environment as the kernel keeps it (mm_env_start..mm_env_end, on its stack)."""
+    mm = proc.checkpoint.mm(proc.pid)
+    start, end = int(mm.mm_env_start), int(mm.mm_env_end)
+    if not 0 < end - start <= MAX_ENVIRONMENT:
+        return {}
+    try:
+        raw = proc.address_space.read(start, end - start)
+    except MemoryUnreadable:
+        return {}
+    out: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            out.setdefault(key.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+    return out
+
+
+def _lazy_objects(
+    proc: Process, files: Mapping[int, RegFile], root: Path, loader: int
+) -> tuple[str, ...] | None:
+    """The mapped ELF objects (mapped from offset 0) whose PLT binds at first call; None when one of
+    them cannot be read here."""
+    mapped = _loader_vmas(proc, files)
+    lazy = []
+    for fid, vmas in sorted(mapped.items()):
+        if fid == loader or not any(pgoff == 0 for _, pgoff in vmas):
+            continue
+        name = files[fid].name
+        if "\0" in name or ".." in Path(name).parts:
+            return None
+        try:
+            if read_binding(root / name.lstrip("/")).lazy_plt:
+                lazy.append(name)
+        except ElfError:
+            if name.endswith(".so") or ".so." in name or fid == int(proc.checkpoint.mm(proc.pid).exe_file_id):
+                return None
+    return tuple(lazy)
 
 
 def _read_state(proc: Process, loader: str, code: _Code, bias: int, static: bool) -> GlibcState:

@@ -44,9 +44,14 @@ def dest(
     return HostFacts(name, xcr0, 0, 0xFFFF, offsets, flags=flags)
 
 
-def state(value: int, trampoline: str = "xsavec", active: frozenset[str] = frozenset({"AVX2"})) -> GlibcState:
+def state(
+    value: int,
+    trampoline: str = "xsavec",
+    active: frozenset[str] = frozenset({"AVX2"}),
+    lazy: tuple[str, ...] | None = ("/lib/libc.so.6",),
+) -> GlibcState:
     area = SaveArea(0x7F0000001000, value, frozenset({"xsave", "xsavec"}), 0xEE, True)
-    return GlibcState(7, "/lib/ld.so", "2.36", trampoline, active, (area,), False)
+    return GlibcState(7, "/lib/ld.so", "2.36", trampoline, active, (area,), False, lazy)
 
 
 def codes(s: GlibcState, d: HostFacts) -> list[str]:
@@ -71,6 +76,9 @@ def test_a_save_area_too_small_is_rewritten_never_shrunk() -> None:
     assert rewritten(state(9000).areas[0], 2496) == 9000
     assert codes(state(896), dest("avx", 0x7, AMD)) == []
     assert codes(state(0, "fxsave"), zen4) == []  # FXSAVE trampolines: a fixed 512-byte area
+    assert codes(state(896, lazy=()), zen4) == ["GLIBC_BOUND_AT_START"]  # the area is never used
+    assert plan_glibc(state(896, lazy=()), zen4).size_patches == ()
+    assert codes(state(896, lazy=None), zen4) == ["GLIBC_SAVE_AREA_TOO_SMALL"]  # not known: rewritten
 
 
 def test_features_and_xsavec_the_destination_lacks_are_refused_by_name() -> None:
@@ -191,6 +199,13 @@ def test_what_glibc_cached_is_read_from_the_dump(
     if tunables:
         masked = {t.lstrip("-") for t in tunables.split("=", 1)[1].split(",")}
         assert not masked & set(glibc["usable"])  # type: ignore[arg-type]
+    assert glibc["tunables"] == tunables
+    lazy = glibc["lazy_binding"]
+    assert (
+        lazy == []
+        if static
+        else (isinstance(lazy, list) and str(_build(tmp_path, static=False, loader=loader)) in lazy)
+    )
     sizes = [a["size"] for a in glibc["save_areas"]]  # type: ignore[union-attr]
     assert sizes == oracle[loader], (sizes, oracle)
 

@@ -282,6 +282,10 @@ CASES: dict[str, tuple[Case, Case]] = {
         (lambda: glibc_codes(GlibcUnread(7, None, "no loader here"), GZEN4), ["GLIBC_STATE_UNREAD"]),
         (lambda: glibc_codes(gstate(2496), GZEN4), []),
     ),
+    "GLIBC_BOUND_AT_START": (
+        (lambda: glibc_codes(gstate(2496, lazy=()), GZEN4), ["GLIBC_BOUND_AT_START"]),
+        (lambda: glibc_codes(gstate(2496), GZEN4), []),
+    ),
     "GLIBC_FEATURE_MISSING_ON_DEST": (
         (
             lambda: glibc_codes(gstate(832 + 64), gdest("sandy", 0x7, GAMD, GFLAGS - {"avx2"})),

@@ -42,7 +42,13 @@ def size_patches(g: GlibcFacts) -> tuple[tuple[int, int], ...]:
     s = g.state
     if not isinstance(s, GlibcState) or s.trampoline == "fxsave":
         return ()
-    return tuple((a.vaddr, rewritten(a, g.need(a))) for a in s.areas if a.value < g.need(a))
+    small = [a for a in s.areas if _matters(s, a) and a.value < g.need(a)]
+    return tuple((a.vaddr, rewritten(a, g.need(a))) for a in small)
+
+
+def _matters(s: GlibcState, area: SaveArea) -> bool:
+    """The lazy-binding area is never used when every object was bound at start-up."""
+    return not (area.in_cpu_features and s.bound_at_start)
 
 
 def _unread(g: GlibcFacts, _: None) -> Hit | None:
@@ -73,9 +79,19 @@ def _features_missing(g: GlibcFacts, _: None) -> Hit | None:
     )
 
 
+def _bound_at_start(g: GlibcFacts, _: None) -> Hit | None:
+    s = g.state
+    if not isinstance(s, GlibcState) or not s.bound_at_start:
+        return None
+    return Hit(
+        "every object was bound at start-up (BIND_NOW or LD_BIND_NOW): the lazy-binding trampoline and "
+        "its save area are never used"
+    )
+
+
 def _trampoline_missing(g: GlibcFacts, _: None) -> Hit | None:
     s = g.state
-    if not isinstance(s, GlibcState) or s.trampoline != "xsavec" or not g.dest.flags:
+    if not isinstance(s, GlibcState) or s.trampoline != "xsavec" or not g.dest.flags or s.bound_at_start:
         return None
     if "xsavec" in g.dest.flags:
         return None
@@ -89,7 +105,7 @@ def _trampoline_missing(g: GlibcFacts, _: None) -> Hit | None:
 
 def _save_area_small(g: GlibcFacts, area: SaveArea) -> Hit | None:
     s = g.state
-    if not isinstance(s, GlibcState) or s.trampoline == "fxsave":
+    if not isinstance(s, GlibcState) or s.trampoline == "fxsave" or not _matters(s, area):
         return None
     need = g.need(area)
     if area.value >= need:
@@ -110,6 +126,7 @@ GLIBC_RULES: tuple[Rule[GlibcFacts, None], ...] = (
         _unread,
         "plan where the process's files are (--root DIR for a container's root file system)",
     ),
+    Rule("GLIBC_BOUND_AT_START", Severity.INFO, _bound_at_start),
     Rule(
         "GLIBC_FEATURE_MISSING_ON_DEST",
         Severity.REFUSE,

@@ -99,6 +99,8 @@ def glibc_json(g: GlibcState | GlibcUnread) -> dict[str, object]:
         "version": g.version,
         "trampoline": g.trampoline,
         "usable": sorted(g.active),
+        "tunables": g.tunables,
+        "lazy_binding": list(g.lazy) if g.lazy is not None else None,
         "save_areas": [
             {"name": a.name, "address": hex(a.vaddr), "size": a.value, "mask": hex(a.mask)} for a in g.areas
         ],

@@ -61,7 +61,9 @@ def glibc_summary(g: GlibcState) -> str:
     areas = ", ".join(f"{a.name} {a.value} B" for a in g.areas) or "no save area"
     chose = ", ".join(sorted(g.active)) or "baseline only"
     kind = "static" if g.static else g.loader
-    return f"glibc {g.version or '?'} ({kind}): {g.trampoline} trampolines, {areas}; usable: {chose}"
+    extra = "; bound at start-up" if g.bound_at_start else ""
+    extra += f"; GLIBC_TUNABLES={g.tunables}" if g.tunables else ""
+    return f"glibc {g.version or '?'} ({kind}): {g.trampoline} trampolines, {areas}; usable: {chose}{extra}"
 
 
 def _process_lines(p: ProcessPlan, style: Style, verbose: bool) -> list[str]:
