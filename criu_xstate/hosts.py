@@ -22,6 +22,8 @@ from criu_xstate.x86.xfeatures import DYNAMIC as DYNAMIC_FEATURES
 from criu_xstate.x86.xfeatures import SUPERVISOR, XTILEDATA, component_name
 from criu_xstate.x86.xsave import MIN_XSTATE_SIZE
 
+FXSAVE_SIZE = 512  # the whole FPU state of a CPU without XSAVE
+
 SCHEMA = "criu-xstate/host/v1"
 SIGRETURN_RULES = ("frame-size", "user-size")
 SIGRETURN_SOURCES = ("measured", "set", "guessed")  # strongest first
@@ -294,6 +296,8 @@ def validate(p: HostProfile, source: str) -> None:
             raise ProfileError(
                 source, f"xsave.components {a} ({ca.offset}+{ca.size}) and {b} (at {cb.offset}) overlap"
             )
+    if xs.user_size == FXSAVE_SIZE and xs.max_user_size == FXSAVE_SIZE and xs.xcr0 == 0x3:
+        return  # a CPU without XSAVE: FXSAVE frames only
     static_end = max(
         [MIN_XSTATE_SIZE] + [c.offset + c.size for n, c in xs.components.items() if not xs.dynamic >> n & 1]
     )
@@ -449,8 +453,9 @@ def _family_model(facts: RawFacts) -> tuple[int | None, int | None]:
 def profile_from_facts(facts: RawFacts, name: str, *, sigreturn: str | None = None) -> HostProfile:
     notes: list[str] = [f"{k}: {v}" for k, v in facts.sources.items() if k != "cpuid"]
     d0 = facts.cpuid.get((0xD, 0))
-    if d0 is None:
-        raise ProfileError(name, "no CPUID leaf 0xD: the CPU has no XSAVE")
+    osxsave = facts.cpuid.get((1, 0), (0, 0, 1 << 27, 0))[2] >> 27 & 1
+    if d0 is None or not osxsave:
+        return _fxsave_profile(facts, name, notes, sigreturn)
     supported = d0[0] | (d0[3] << 32)
     xcr0 = facts.xcr0 if facts.xcr0 is not None else supported
     if facts.xcr0 is None:
@@ -501,6 +506,31 @@ def profile_from_facts(facts: RawFacts, name: str, *, sigreturn: str | None = No
             dynamic=dynamic,
             mxcsr_mask=facts.mxcsr_mask if facts.mxcsr_mask is not None else 0xFFFF,
             components=comps,
+        ),
+        flags=tuple(facts.flags),
+        notes=tuple(notes),
+    )
+    validate(profile, name)
+    return profile
+
+
+def _fxsave_profile(facts: RawFacts, name: str, notes: list[str], sigreturn: str | None) -> HostProfile:
+    """A CPU (or kernel) without XSAVE: signal frames and CRIU's images carry the 512-byte FXSAVE area
+    only. Written as XCR0 0x3 (what FXSAVE holds) with a user size of FXSAVE_SIZE and no components."""
+    notes.append("no XSAVE (no CPUID leaf 0xD or OSXSAVE clear): FXSAVE frames of 512 bytes")
+    kernel = sigreturn_of(facts, sigreturn)
+    family, model = _family_model(facts)
+    profile = HostProfile(
+        name=name,
+        cpu=CpuInfo(vendor=_vendor(facts), family=family, model=model, model_name=facts.model_name),
+        kernel=kernel,
+        xsave=XsaveInfo(
+            xcr0=0x3,
+            user_size=FXSAVE_SIZE,
+            max_user_size=FXSAVE_SIZE,
+            dynamic=0,
+            mxcsr_mask=facts.mxcsr_mask if facts.mxcsr_mask is not None else 0xFFFF,
+            components={},
         ),
         flags=tuple(facts.flags),
         notes=tuple(notes),

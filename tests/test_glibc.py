@@ -35,7 +35,7 @@ TRIXIE_LIBS = CACHE / "criu-4.1.1" / "usr" / "lib" / "x86_64-linux-gnu"
 
 AMD = {2: (576, 256), 5: (832, 64), 6: (896, 512), 7: (1408, 1024), 9: (2432, 8)}
 INTEL = {2: (576, 256), 3: (960, 64), 4: (1024, 64), 5: (1088, 64), 6: (1152, 512), 7: (1664, 1024)}
-FLAGS = frozenset({f.flag for f in IFUNC_FEATURES} | {"xsavec"})
+FLAGS = frozenset({f.flag for f in IFUNC_FEATURES} | {"xsave", "xsavec"})
 
 
 def dest(

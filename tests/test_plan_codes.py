@@ -51,6 +51,7 @@ from tests.test_plan_rules import (
 
 README = Path(__file__).parents[1] / "README.md"
 GZEN4 = gdest("zen4", 0xE7, GAMD)
+FXSAVE_ONLY = host("nehalem", 0x3, {}, user_size=512)
 PKRU_DEFAULT = {9: struct.pack("<Q", INIT_PKRU)}
 PKRU_KEYS = {9: struct.pack("<Q", 0x55555550)}
 AVX2_INTEL = host("intel-avx2", 0x7, INTEL_OFFSETS)
@@ -240,6 +241,17 @@ CASES: dict[str, tuple[Case, Case]] = {
     "IA32_FRAME_UNSUPPORTED": (
         (lambda: ia32(ZEN3), ["IA32_FRAME_UNSUPPORTED", "PKRU_MISSING_OPENS_KEYS", "XSAVE_IMAGE_RELOCATED"]),
         (lambda: ia32(SMALL), []),
+    ),
+    "THREAD_XSAVE_DEST_WITHOUT_XSAVE": (
+        (lambda: thread_codes(FXSAVE_ONLY, xstate_bv=0x3), ["THREAD_XSAVE_DEST_WITHOUT_XSAVE"]),
+        (lambda: thread_codes(FXSAVE_ONLY, xstate_bv=None), []),
+    ),
+    "DEST_WITHOUT_XSAVE": (
+        (
+            lambda: frame_codes(dict(xfeatures=0x7, xstate_size=832, xstate_bv=0x7, data=YMM), FXSAVE_ONLY),
+            ["DEST_WITHOUT_XSAVE"],
+        ),
+        (lambda: frame_codes(dict(xfeatures=0x7, xstate_size=832, xstate_bv=0x7, data=YMM), SMALL), []),
     ),
     "COMPAT_THREAD": (
         (lambda: thread_codes(SMALL, xstate_bv=0x7, compat=True), ["COMPAT_THREAD"]),

@@ -214,3 +214,23 @@ def test_probe_dump_profile_of_a_guest_matches_its_kernel(here: str, tmp_path: P
     facts = parse_dump((g.out / "probe.txt").read_text(), "probe.txt")
     assert m and m[0].endswith(f"max sigframe size: {facts.minsigstksz}")
     assert not [n for n in profile.notes if n.startswith("disagreement")], profile.notes
+
+
+def test_a_cpu_without_xsave_gets_an_fxsave_profile_and_xsave_images_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """QEMU `-cpu Nehalem` has no XSAVE (no CPUID leaf 0xD): its profile is the 512-byte FXSAVE area,
+    and a checkpoint whose threads carry XSAVE images is refused for it (CRIU itself refuses to restore
+    them there: "image has xsave, host has no OSXSAVE")."""
+    reason = qemu_guest.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    g = run_guest("/bin/probe-dump > /out/probe.txt\n", guest_files(), tmp_path / "g", cpu="Nehalem")
+    profile = hosts.profile_from_facts(parse_dump((g.out / "probe.txt").read_text(), "probe.txt"), "nehalem")
+    assert (profile.xsave.xcr0, profile.xsave.user_size, dict(profile.xsave.components)) == (0x3, 512, {})
+    dest = tmp_path / "nehalem.yaml"
+    dest.write_text(hosts.dump_profile(profile))
+    assert main(["plan", str(REPO / "tests" / "fixtures" / "plain"), "--dest", str(dest), "--json"]) == 1
+    plan = json.loads(capsys.readouterr().out)
+    codes = {r["code"] for t in plan["threads"] for r in t["reasons"]}
+    assert "THREAD_XSAVE_DEST_WITHOUT_XSAVE" in codes, plan

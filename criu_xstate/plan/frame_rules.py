@@ -67,6 +67,24 @@ def _layout_unknown(f: FrameFacts, _: None) -> Hit | None:
     )
 
 
+def _dest_without_xsave(f: FrameFacts, _: None) -> Hit | None:
+    if f.dest.has_xsave:
+        return None
+    lost = [c.name for c in f.components if c.in_use]
+    if not lost:
+        return Hit(
+            f"{f.dest.name} has no XSAVE: its kernel restores the frame's FXSAVE part only, which holds "
+            "all of the frame's live state"
+        )
+    return Hit(
+        f"{f.dest.name} has no XSAVE: its kernel restores the frame's FXSAVE part only; "
+        f"{', '.join(lost)} would be lost",
+        source="in use",
+        dest="no xsave",
+        severity=Severity.REFUSE,
+    )
+
+
 GATES: tuple[FrameRule, ...] = (
     Rule("FRAME_NO_FPU_CONTEXT", Severity.INFO, _no_fpu_context, stop=True),
     Rule("FRAME_COMPACTED_FORMAT", Severity.REFUSE, _compacted, "restore on the source host", stop=True),
@@ -77,6 +95,7 @@ GATES: tuple[FrameRule, ...] = (
         "pass the source host's profile with --src",
         stop=True,
     ),
+    Rule("DEST_WITHOUT_XSAVE", Severity.INFO, _dest_without_xsave, "restore on a host with XSAVE", stop=True),
 )
 
 

@@ -91,14 +91,14 @@ def _bound_at_start(g: GlibcFacts, _: None) -> Hit | None:
 
 def _trampoline_missing(g: GlibcFacts, _: None) -> Hit | None:
     s = g.state
-    if not isinstance(s, GlibcState) or s.trampoline != "xsavec" or not g.dest.flags or s.bound_at_start:
+    if not isinstance(s, GlibcState) or s.trampoline == "fxsave" or not g.dest.flags or s.bound_at_start:
         return None
-    if "xsavec" in g.dest.flags:
+    if s.trampoline in g.dest.flags:
         return None
     return Hit(
-        f"glibc's lazy-binding trampolines save registers with XSAVEC, which {g.dest.name} lacks: "
-        "SIGILL at the first call of a function not yet bound",
-        source="xsavec",
+        f"glibc's lazy-binding trampolines save registers with {s.trampoline.upper()}, which "
+        f"{g.dest.name} lacks: SIGILL at the first call of a function not yet bound",
+        source=s.trampoline,
         dest="absent",
     )
 
@@ -138,7 +138,7 @@ GLIBC_RULES: tuple[Rule[GlibcFacts, None], ...] = (
         "GLIBC_TRAMPOLINE_UNSUPPORTED",
         Severity.REFUSE,
         _trampoline_missing,
-        "restart the workload with LD_BIND_NOW=1 and dump it again, or restore on a host with XSAVEC",
+        "restart the workload with LD_BIND_NOW=1 and dump it again, or restore where the CPU has it",
     ),
 )
 

@@ -33,6 +33,11 @@ class HostFacts:
     sigreturn_guess: str | None = None  # why ``sigreturn`` is a guess; None: measured or set
 
     @property
+    def has_xsave(self) -> bool:
+        """False for a CPU without XSAVE (a profile with the 512-byte FXSAVE area only)."""
+        return self.user_size >= MIN_XSTATE_SIZE
+
+    @property
     def default_xfeatures(self) -> int:
         """The ``xfeatures`` a kernel-built frame of a new task on this host carries."""
         return self.xcr0 & ~self.dynamic

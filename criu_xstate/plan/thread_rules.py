@@ -107,7 +107,26 @@ def _init_absent(t: ThreadFacts, n: int) -> Hit | None:
     return Hit(f"{component_name(n)} is in its init state; CRIU leaves it out on {t.dest.name}")
 
 
-THREAD_RULES: tuple[Rule[ThreadFacts, None], ...] = (Rule("COMPAT_THREAD", Severity.WARNING, _compat),)
+def _xsave_dest_without(t: ThreadFacts, _: None) -> Hit | None:
+    if t.state.xstate_bv is None or t.dest.has_xsave:
+        return None
+    return Hit(
+        f"the saved registers are an XSAVE image and {t.dest.name} has no XSAVE: CRIU refuses to restore "
+        "them there",
+        source="xsave",
+        dest="fxsave only",
+    )
+
+
+THREAD_RULES: tuple[Rule[ThreadFacts, None], ...] = (
+    Rule("COMPAT_THREAD", Severity.WARNING, _compat),
+    Rule(
+        "THREAD_XSAVE_DEST_WITHOUT_XSAVE",
+        Severity.REFUSE,
+        _xsave_dest_without,
+        "restore on a host with XSAVE",
+    ),
+)
 
 STACK_RULES: tuple[Rule[ThreadFacts, str], ...] = (
     Rule(

@@ -179,7 +179,8 @@ def probe_raw() -> RawFacts:
     for leaf, sub in wanted_leaves(max_leaf, max_ext):
         facts.cpuid[(leaf, sub)] = cpuid(leaf, sub)
     if stubs is not None:
-        facts.xcr0 = stubs.xgetbv(0)
+        if facts.cpuid.get((1, 0), (0, 0, 0, 0))[2] >> 27 & 1:  # OSXSAVE: XGETBV faults without it
+            facts.xcr0 = stubs.xgetbv(0)
         facts.mxcsr_mask = stubs.mxcsr_mask()
         if use_dev:  # cross-check: the two CPUID paths must agree
             for key in ((0xD, 0), (0xD, 2)):
