@@ -26,6 +26,7 @@ from criu_xstate.images.container import (
     ContainerMeta,
     read_container_meta,
 )
+from criu_xstate.images.pagemap import PagemapRuns, read_pagemap_runs
 from criu_xstate.images.pb import core_pb2, cpuinfo_pb2, inventory_pb2, mm_pb2, pstree_pb2
 
 MAX_PARENT_DEPTH = 64
@@ -95,9 +96,14 @@ class Checkpoint:
         return self._mms[pid]
 
     def pagemap(self, pid: int) -> framing.Pagemap:
+        """Every entry as a protobuf message (a relocation appends one); lookups use :meth:`runs`."""
         if pid not in self._pagemaps:
             self._pagemaps[pid] = framing.read_pagemap(self.dir / f"pagemap-{pid}.img")
         return self._pagemaps[pid]
+
+    def runs(self, pid: int) -> PagemapRuns:
+        """The pagemap as compact runs, decoded once (remembered by content)."""
+        return read_pagemap_runs(self.dir / f"pagemap-{pid}.img")
 
     def cpuinfo(self) -> cpuinfo_pb2.cpuinfo_x86_entry | None:
         path = self.dir / "cpuinfo.img"
@@ -112,7 +118,13 @@ class Checkpoint:
             parent_space = None
             if parent is not None and os.path.lexists(parent.dir / f"pagemap-{pid}.img"):
                 parent_space = parent.address_space(pid)
-            self._spaces[pid] = AddressSpace(self.dir, self.pagemap(pid), self.mm(pid), parent_space)
+            self._spaces[pid] = AddressSpace(
+                self.dir,
+                self.runs(pid),
+                self.mm(pid),
+                parent_space,
+                pagemap_path=str(self.dir / f"pagemap-{pid}.img"),
+            )
         return self._spaces[pid]
 
     def container(self) -> ContainerMeta | None:
