@@ -142,7 +142,7 @@ def criu_shaped(draw: st.DrawFn) -> list[bytes]:
         if kind == "gap":
             out[i] = _entry((v or 0) + pm.PAGE, pages, flags, nr is not None)
         elif kind == "overlap":
-            out[i] = _entry((v or 0) - pm.PAGE, pages, flags, nr is not None)
+            out[i] = _entry(max(0, (v or 0) - pm.PAGE), pages, flags, nr is not None)
         elif kind == "flags":
             out[i] = _entry(v or 0, pages, 1, nr is not None)
         elif kind == "size":

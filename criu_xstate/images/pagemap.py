@@ -282,6 +282,7 @@ def decode_appended(base: PagemapRuns, base_len: int, data: bytes, path: str) ->
 def _decode_entries(b: _Builder, data: bytes, pos: int, index: int) -> int:
     """Add the entries from ``pos`` on to ``b``; the number of entries decoded in all."""
     path, n = b.path, len(data)
+    plain_until = 0  # a stretch of same-shaped entries that are not contiguous: entry by entry
     while pos < n:
         at = pos
         p, pos = framing.next_entry(data, pos, path, index + 1)
@@ -295,6 +296,8 @@ def _decode_entries(b: _Builder, data: bytes, pos: int, index: int) -> int:
             continue
         e = normalize(fields)
         b.add(e, index)
+        if pos < plain_until:
+            continue
         vf = _vaddr_field(p)
         if vf is None or vf[1] > 7 or e.pages & (e.pages - 1):
             continue
@@ -307,6 +310,7 @@ def _decode_entries(b: _Builder, data: bytes, pos: int, index: int) -> int:
             continue
         block = data[at : pos + count * stride]  # the first record and the ones that follow it
         if not _contiguous(block, stride, 4 + vf[0], vf[1], count + 1, e.pages * PAGE):
+            plain_until = pos + count * stride  # never matched again from inside it (quadratic)
             continue
         b.add(Entry(e.vaddr + e.pages * PAGE, count * e.pages, e.flags, e.modern), index + 1)
         index += count
