@@ -273,3 +273,44 @@ def test_apply_in_place_decodes_the_pagemap_once(
     assert main(["apply", str(ck), "--dest", DEST, "--in-place", "--json"]) == 0
     capsys.readouterr()
     assert framing.PAGEMAP_DECODES - seen["decodes0"] == 1
+
+
+def test_archive_constants_agree() -> None:
+    from criu_xstate.images import archive, checkpoint
+
+    assert checkpoint.ARCHIVE_IMAGES == archive.ARCHIVE_IMAGES
+
+
+def _modules_after(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json, contextlib, io\n"
+        "from criu_xstate.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        f"    main({argv!r})\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=True,
+    )
+    return set(json.loads(r.stdout))
+
+
+def test_start_up_imports_only_what_the_command_needs() -> None:
+    fixture = Path(__file__).parent / "fixtures" / "siginfo"
+    plan = _modules_after(["plan", str(fixture), "--dest", DEST, "--json"])
+    assert "criu_xstate.frames" in plan
+    assert not {"tarfile", "tempfile", "criu_xstate.images.archive", "criu_xstate.changeset"} & plan
+    # the hook decides on its action first: every action but pre-restore returns before protobuf,
+    # YAML or the image layer are imported
+    hook = _modules_after(["hook"], {"CRTOOLS_SCRIPT_ACTION": "post-dump"})
+    heavy = {"google.protobuf", "yaml", "criu_xstate.images", "criu_xstate.plan", "criu_xstate.hookconfig"}
+    assert not heavy & hook
