@@ -314,3 +314,47 @@ def test_start_up_imports_only_what_the_command_needs() -> None:
     hook = _modules_after(["hook"], {"CRTOOLS_SCRIPT_ACTION": "post-dump"})
     heavy = {"google.protobuf", "yaml", "criu_xstate.images", "criu_xstate.plan", "criu_xstate.hookconfig"}
     assert not heavy & hook
+
+
+def _anchors_by_whole_search(
+    buf: bytes, low: int, restorers: list[int], width: int, align_mod: int
+) -> list[int]:
+    """frames._Scanner.anchors as it was: every occurrence, then the alignment filter."""
+    found = set()
+    for r in restorers:
+        needle = r.to_bytes(width, "little")
+        i = buf.find(needle)
+        while i >= 0:
+            if (low + i) % 16 == align_mod:
+                found.add(low + i)
+            i = buf.find(needle, i + 1)
+    return sorted(found)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=600),
+    st.lists(st.integers(0, 599), max_size=6),
+    st.lists(
+        st.sampled_from([0x401000, 0x40A6F0, 0x7F1234567890, 0x100, 0x7F00000000FF]), min_size=1, max_size=3
+    ),
+    st.sampled_from([(8, 8), (4, 12)]),
+    st.integers(0, 3),
+)
+def test_anchor_search_finds_what_a_whole_search_finds(
+    noise: bytes, plants: list[int], restorers: list[int], abi: tuple[int, int], low16: int
+) -> None:
+    from criu_xstate.frames import StackKind, _Scanner, _Stack
+
+    width, align_mod = abi
+    restorers = [r & ((1 << (8 * width)) - 1) for r in restorers]
+    buf = bytearray(noise.ljust(640, b"\0"))
+    for i, at in enumerate(plants):
+        buf[at : at + width] = restorers[i % len(restorers)].to_bytes(width, "little")
+    buf = buf[:640]
+    low = 0x7FFF0000 + 16 * low16
+    scanner = _Scanner(None, _Stack(StackKind.STACK, low, low + len(buf)), low)  # type: ignore[arg-type]
+    scanner.buf = bytes(buf)
+    assert scanner.anchors(restorers, width, align_mod) == _anchors_by_whole_search(
+        bytes(buf), low, restorers, width, align_mod
+    )
