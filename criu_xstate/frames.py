@@ -607,6 +607,7 @@ class _Thread:
         self.unreadable: list[UnreadableStack] = []
         self.examined = 0
         self.rejected = 0
+        self._frames: dict[tuple[int, StackKind], SignalFrame] = {}
 
     def stack_for(self, addr: int) -> _Stack | None:
         for s in self.stacks:
@@ -649,11 +650,17 @@ class _Thread:
         return Abi.IA32_RT if head["fpstate"] == addr + IA32_RT_KERNEL_FPSTATE_OFFSET else Abi.IA32
 
     def examine(self, addr: int, stack: _Stack) -> SignalFrame:
-        try:
-            abi = self.abi_at(addr)
-        except MemoryUnreadable:
-            abi = Abi.IA32_RT  # _examine reports the unreadable bytes
-        return _examine(self.reader, abi, addr, stack.kind, self.sigactions, self.thread.tid)
+        """The frame at ``addr`` (examined once: the live chain and the report both ask for it)."""
+        key = (addr, stack.kind)
+        frame = self._frames.get(key)
+        if frame is None:
+            try:
+                abi = self.abi_at(addr)
+            except MemoryUnreadable:
+                abi = Abi.IA32_RT  # _examine reports the unreadable bytes
+            frame = _examine(self.reader, abi, addr, stack.kind, self.sigactions, self.thread.tid)
+            self._frames[key] = frame
+        return frame
 
     def passes(self, addr: int) -> bool:
         try:
