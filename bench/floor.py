@@ -5,8 +5,9 @@
 It decodes pstree, every core, mm and pagemap (protobuf for the first three, the compact pagemap
 decoder for the last, as plan does), and reads each thread's stack bytes: the mapping that holds its
 SP, from 64 KiB below SP (stale frames are looked for there) to the mapping's end, plus its
-sigaltstack when it has one: the bytes frame discovery scans. No frame is parsed, no plan is made, nothing is printed but a count.
-``plan / floor`` (bench/__main__.py) is what plan spends above reading what it needs.
+sigaltstack when it has one: the bytes frame discovery scans. No frame is parsed, no plan is made,
+nothing is printed but a count. ``plan / floor`` (bench/__main__.py) is what plan spends above
+reading what it needs.
 """
 
 from __future__ import annotations

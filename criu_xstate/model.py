@@ -188,9 +188,11 @@ def _thread_xsave(fpregs: Any) -> ThreadXsave:
     in_use = set()
     pkru = None
     for n, name in XSAVE_FIELDS.items():
-        values = _ints(getattr(xs, name))
+        if n != PKRU and not bv >> n & 1:
+            continue  # not in use whatever the array holds: not converted (most threads use 0..2)
+        values = getattr(xs, name)
         if n == PKRU and values:
-            pkru = values[0] & 0xFFFFFFFF
+            pkru = int(values[0]) & 0xFFFFFFFF
         if bv >> n & 1 and any(values):
             in_use.add(n)
     return ThreadXsave(bv, frozenset(in_use), pkru, mxcsr)

@@ -121,6 +121,9 @@ class AddressSpace:
     def read(self, vaddr: int, size: int) -> bytes:
         if size < 0 or size > MAX_READ:
             raise self._unreadable(vaddr, size, f"read of {size} bytes refused (limit {MAX_READ})")
+        run = self.run_at(vaddr)
+        if run is not None and run.file_offset is not None and vaddr + size <= run.end:
+            return self._pread(run.file_offset + (vaddr - run.start), size)  # one run: no copy
         out = bytearray()
         pos = vaddr
         end = vaddr + size
