@@ -132,7 +132,7 @@ def threads_sweep(tmp: Path, rounds: int, with_pycriu: bool, base: Path | None) 
         jobs[f"floor {n}"] = lambda ck=ck: floor(ck)  # type: ignore[misc]
         if with_pycriu and n in (1, 1000, 4000):
             jobs[f"pycriu {n}"] = lambda ck=ck: pycriu(ck)  # type: ignore[misc]
-        if base is not None and n != 1:
+        if base is not None:
             jobs[f"before {n}"] = lambda ck=ck: plan(ck, base)  # type: ignore[misc]
     med = _rounds(jobs, rounds)
     for ck in cks.values():
@@ -148,8 +148,13 @@ def threads_sweep(tmp: Path, rounds: int, with_pycriu: bool, base: Path | None) 
             row["plan_before_s"] = med[f"before {n}"]
             row["before_over_floor"] = round(med[f"before {n}"] / med[f"floor {n}"], 2)
         rows.append(row)
-    above = {k: [max(med[f"{k} {n}"] - med[f"{k} 1"], 1e-4) for n in THREADS] for k in ("plan", "floor")}
+    kinds = ("plan", "floor", "before") if base is not None else ("plan", "floor")
+    above = {k: [max(med[f"{k} {n}"] - med[f"{k} 1"], 1e-4) for n in THREADS] for k in kinds}
+    extra = {}
+    if base is not None:
+        extra["before_thread_exponent"] = round(_exponent([float(n) for n in THREADS], above["before"]), 3)
     return {
+        **extra,
         "memory_gib": 1.0,
         "startup_s": {"plan": med["plan 1"], "floor": med["floor 1"]},
         "rows": rows,
@@ -214,6 +219,31 @@ def memory_sweep(tmp: Path, rounds: int, base: Path | None) -> dict[str, object]
         "plan_memory_exponent": round(_exponent(xs, [float(r["plan_s"]) for r in rows]), 3),
         "apply_memory_exponent": round(_exponent(xs, [float(r["apply_out_s"]) for r in rows]), 3),
     }
+
+
+def import_ms(tree: Path, argv: list[str]) -> float:
+    """Sum of the self import times (``python -X importtime``) of one command, in ms."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    r = subprocess.run(
+        [PY, "-X", "importtime", "-m", "criu_xstate", *argv], capture_output=True, cwd=tree, env=env
+    )
+    total = 0
+    for line in r.stderr.decode().splitlines():
+        if line.startswith("import time:") and "|" in line:
+            field = line.split(":", 1)[1].split("|", 1)[0].strip()
+            total += int(field) if field.isdigit() else 0
+    return total / 1000
+
+
+def start_up(rounds: int, base: Path | None) -> dict[str, float]:
+    fixture = str(REPO / "tests" / "fixtures" / "siginfo")
+    argv = ["plan", fixture, "--dest", DEST, "--json"]
+    jobs: dict[str, Callable[[], float]] = {"plan imports ms": lambda: import_ms(REPO, argv)}
+    jobs["plan of a 1-thread dump s"] = lambda: plan(Path(fixture))
+    if base is not None:
+        jobs["before: plan imports ms"] = lambda: import_ms(base, argv)
+        jobs["before: plan of a 1-thread dump s"] = lambda: plan(Path(fixture), base)
+    return _rounds(jobs, max(rounds, 5))
 
 
 # --- real CRIU ------------------------------------------------------------------------------------
@@ -350,7 +380,7 @@ def table(results: dict[str, Any]) -> str:
         )
     out.append(
         f"  thread growth exponent above start-up: plan {th['plan_thread_exponent']}, "
-        f"floor {th['floor_thread_exponent']}"
+        f"floor {th['floor_thread_exponent']}, before {th.get('before_thread_exponent', '-')}"
     )
     out.append(
         f"{'synthetic, 100 threads':<34}{'plan s':>8}{'apply s':>9}{'written/ckpt':>14}{'plan before':>13}"
@@ -369,6 +399,7 @@ def table(results: dict[str, Any]) -> str:
             f"  before: plan {mem['plan_before_ms_per_gib']} ms/GiB, "
             f"apply --out {mem['apply_before_ms_per_gib']} ms/GiB"
         )
+    out.append("start-up: " + ", ".join(f"{k} {v}" for k, v in results["start_up"].items()))
     real = results.get("real")
     if isinstance(real, dict) and real.get("rows"):
         out.append(
@@ -426,6 +457,8 @@ def main() -> None:
             )  # e.g. `git archive REV | tar -x -C DIR; echo REV > DIR/BENCH_REV`
             results["before"] = label.read_text().strip() if label.exists() else str(args.before)
         results["threads"] = threads_sweep(tmp, args.rounds, with_pycriu, args.before)
+        print("start-up ...", file=sys.stderr)
+        results["start_up"] = start_up(args.rounds, args.before)
         print("memory ...", file=sys.stderr)
         results["memory"] = memory_sweep(tmp, args.rounds, args.before)
         reason = "--no-real" if args.no_real else real_skip_reason()
