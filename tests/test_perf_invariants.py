@@ -358,3 +358,23 @@ def test_anchor_search_finds_what_a_whole_search_finds(
     assert scanner.anchors(restorers, width, align_mod) == _anchors_by_whole_search(
         bytes(buf), low, restorers, width, align_mod
     )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(criu_shaped(), st.integers(1, 1 << 20), st.booleans())
+def test_appending_a_run_gives_what_decoding_the_new_image_gives(
+    entries: list[bytes], pages: int, into_gap: bool
+) -> None:
+    """A relocation's pagemap (append_run) is known without decoding it; it must equal the decode."""
+    data = _image(entries)
+    try:
+        runs = pm.decode_pagemap(data, "pm")
+    except ImageError:
+        return
+    vaddr = (runs.end + (pm.PAGE if into_gap else 0)) or pm.PAGE
+    if vaddr + pages * pm.PAGE > pm.USER_SPACE_END:
+        return
+    new = pm.append_run(data, runs, vaddr, pages)
+    got, want = pm.runs_of(new, "pm"), pm.decode_pagemap(new, "pm")
+    for field in ("starts", "pages", "flags", "offsets", "entries", "modern", "pages_id", "head_payload"):
+        assert getattr(got, field) == getattr(want, field), field
