@@ -159,10 +159,15 @@ class Process:
     threads: list[Thread] = field(default_factory=list)
 
     def vma_at(self, addr: int) -> Vma | None:
-        for v in self.vmas:
-            if addr in v:
-                return v
+        """A bisection over the VMAs (sorted by load_model): show asks it for every thread."""
+        i = bisect.bisect_right(self._vma_starts, addr) - 1
+        if i >= 0 and addr in self.vmas[i]:
+            return self.vmas[i]
         return None
+
+    @cached_property
+    def _vma_starts(self) -> list[int]:
+        return [v.start for v in self.vmas]
 
     @cached_property
     def address_space(self) -> AddressSpace:
