@@ -23,6 +23,7 @@ from __future__ import annotations
 import operator
 import re
 import struct
+import sys
 from array import array
 from dataclasses import dataclass
 from itertools import islice
@@ -170,8 +171,8 @@ def _contiguous(block: bytes, stride: int, at: int, length: int, count: int, ste
     """Whether the ``count`` records of ``block`` have vaddrs v0, v0 + step, v0 + 2 step, ...
 
     ``step`` is a power of two: the vaddr bits below it must be equal in every record (byte columns
-    reduced by a translate table), the vaddrs strictly increasing (the varints, reversed with the
-    whole block, compare as bytes), and the last one (count - 1) steps above the first.
+    reduced by a translate table), the vaddrs strictly increasing, and the last one (count - 1) steps
+    above the first.
     """
     low = step.bit_length() - 1
     for k in range(length):
@@ -184,9 +185,16 @@ def _contiguous(block: bytes, stride: int, at: int, length: int, count: int, ste
     last = _varint(block[(count - 1) * stride + at : (count - 1) * stride + at + length])
     if last - first != (count - 1) * step:
         return False
-    rev = block[::-1]  # record k is now at (count - 1 - k) * stride, its varint reversed: big-endian
-    keys = [t[0] for t in struct.iter_unpack(f"{stride - at - length}x{length}s{at}x", rev)]
-    return all(map(operator.gt, keys, islice(keys, 1, None)))
+    # Each varint as a big-endian 8-byte word (its bytes reversed; equal lengths, so the words order
+    # like the values), gathered column by column, then compared as native integers.
+    words = bytearray(8 * count)
+    for k in range(length):
+        words[8 - length + k :: 8] = block[at + length - 1 - k :: stride]
+    keys = array("Q")
+    keys.frombytes(words)
+    if sys.byteorder == "little":
+        keys.byteswap()
+    return all(map(operator.lt, keys, islice(keys, 1, None)))
 
 
 def _vaddr_field(p: bytes) -> tuple[int, int] | None:
