@@ -4,9 +4,10 @@ CRIU 4.1.1 writes one pagemap entry per MiB of a large mapping (8,192 for 8 GiB)
 protobuf and keeping a Python object per entry cost ~4.6 us per entry, so plan and apply grew with the
 checkpoint's memory. Here an entry is decoded by a small varint reader, and a stretch of entries of
 the same shape (same size, same fields, only ``vaddr`` varying: what CRIU writes for one big mapping)
-is matched by one regular expression and checked with byte-column operations, so it costs a few
-nanoseconds per entry. Contiguous entries with the same flags become one run: what lookups and the
-overlay need is the address range, the flags and where the data starts in the pages file.
+is matched by one regular expression and checked with byte-column operations: 4.2 ms for the
+32,868 entries of a 32 GiB process (0.13 us an entry, against 4.6). Contiguous entries with the
+same flags become one run: what lookups and the overlay need is the address range, the flags and
+where the data starts in the pages file.
 
 Anything unusual (unknown fields, another wire type, a varint longer than 10 bytes) is decoded by
 protobuf instead, entry by entry, with the same result (``tests/test_perf_invariants.py`` checks the
