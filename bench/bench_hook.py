@@ -1,6 +1,6 @@
 """Benchmark: what the installed CRIU hook costs a real runc checkpoint and restore.
 
-    .venv/bin/python -m bench.bench_hook [--rounds 5] [--out bench/results-hook.json]   (root, runc, CRIU)
+    .venv/bin/python -m bench.bench_hook [--rounds 5] [--out FILE]   (root, runc, CRIU; python -m bench)
 
 Interleaved rounds of the same runc container (the ymm_handler workload parked in its handler),
 checkpointed and restored once with no action script and once with the script `hook-install` writes

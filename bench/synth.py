@@ -1,10 +1,13 @@
 """Build a large synthetic CRIU checkpoint: one process, N threads each parked in a signal handler on
 its own stack, plus an anonymous mapping of M GiB whose pages are all "present" (a sparse pages file,
 so it costs no disk). The images are real CRIU framing and protobuf; the frames are kernel-style
-(tests/framebuild.py placement)."""
+(tests/framebuild.py placement). Each 64 KiB stack holds the top 64 KiB of a real dump's stack
+(tests/fixtures/siginfo: mostly zeroed pages with pointers and a frame near the top, as real stacks
+are) under the synthetic frame, so that scanning a stack costs what it costs on a real one."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -17,6 +20,22 @@ BIG_START = 0x10000000
 STACK_TOP = 0x7F0000000000
 STACK_SIZE = 64 * 1024
 SA_SIGINFO_RESTORER = 0x04000004
+
+
+REAL_STACK = Path(__file__).parents[1] / "tests" / "fixtures" / "siginfo"
+
+
+@functools.cache
+def real_stack_bytes() -> bytes:
+    """The top STACK_SIZE bytes of the stack of the fixture's thread (a real CRIU 4.1.1 dump)."""
+    from criu_xstate.images import open_checkpoint
+    from criu_xstate.model import load_model
+
+    with open_checkpoint(REAL_STACK) as ck:
+        thread = next(load_model(ck).threads())
+        region = thread.process.memory.region_of(thread.sp)
+        assert region is not None
+        return thread.process.memory.read(region[1] - STACK_SIZE, STACK_SIZE)
 
 
 CRIU_ENTRY_PAGES = 256  # CRIU 4.1.1 writes one pagemap entry per MiB of a large mapping
@@ -66,6 +85,7 @@ def build(dest: Path, threads: int, big_gib: float, *, criu_shaped: bool = False
             lo, hi = stacks[i]
             isp = hi - 2048
             frame, _, data = frame_bytes(isp, restorer=RESTORER)
+            os.pwrite(fd, real_stack_bytes(), offset_of[lo])
             os.pwrite(fd, data, offset_of[lo] + frame - lo)
             core = core_pb2.core_entry(mtype=1)
             ti = core.thread_info

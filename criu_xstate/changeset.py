@@ -17,9 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from criu_xstate.errors import ApplyError, MemoryUnreadable
-from criu_xstate.images.addrspace import PAGE, PE_PRESENT, VMA_ANON_PRIVATE, VMA_AREA_REGULAR
-from criu_xstate.images.framing import CORE, MM, Pagemap, encode_image
-from criu_xstate.images.pb import core_pb2, mm_pb2, pagemap_pb2
+from criu_xstate.images.addrspace import PAGE, VMA_ANON_PRIVATE, VMA_AREA_REGULAR
+from criu_xstate.images.framing import CORE, MM, encode_image
+from criu_xstate.images.pagemap import append_run
+from criu_xstate.images.pb import core_pb2, mm_pb2
 from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
 from criu_xstate.plan import FrameAction, HostFacts, Plan
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
@@ -130,15 +131,9 @@ def _mm_with(proc: Process, start: int, size: int) -> FileWrite:
 
 def _pagemap_with(proc: Process, start: int, size: int) -> FileWrite:
     """pagemap-<pid>.img with one PE_PRESENT run for the new mapping appended (its pages go last)."""
-    pagemap = proc.checkpoint.pagemap(proc.pid)
-    entry = pagemap_pb2.pagemap_entry(vaddr=start, flags=PE_PRESENT)
-    modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pagemap.entries)
-    entry.compat_nr_pages = 0 if modern else size // PAGE
-    if modern:
-        entry.nr_pages = size // PAGE
     path = proc.checkpoint.path_of(f"pagemap-{proc.pid}.img")
-    new = Pagemap(pagemap.raw, pagemap.head, (*pagemap.entries, entry))
-    return FileWrite(path.name, path.read_bytes(), new.encode())
+    old = path.read_bytes()
+    return FileWrite(path.name, old, append_run(old, proc.checkpoint.runs(proc.pid), start, size // PAGE))
 
 
 def _relocate(proc: Process, relocs: list[Relocation]) -> tuple[list[Change], tuple[int, int]]:

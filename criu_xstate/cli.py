@@ -93,6 +93,9 @@ def _format_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format", choices=["text", "json"], default=None, help="output format, as checkpointctl spells it"
     )
+    p.add_argument(
+        "--pretty", action="store_true", help="indented JSON (the default on a terminal; else one line)"
+    )
 
 
 def _cmd_completion(args: argparse.Namespace) -> int:
@@ -292,6 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(argv)
     finally:
+        if (report_json := sys.modules.get("criu_xstate.report.json")) is not None:
+            report_json.PRETTY = None  # type: ignore[attr-defined]  # --pretty was for this run only
         for restored, handler in previous.items():
             signal.signal(restored, handler)  # type: ignore[arg-type]
 
@@ -304,6 +309,10 @@ def _run(argv: Sequence[str] | None) -> int:
         return int(exc.code) if isinstance(exc.code, int) else ExitCode.BAD_INPUT
     if getattr(args, "format", None) == "json":
         args.json = True
+    if getattr(args, "pretty", False):
+        from criu_xstate.report import json as report_json
+
+        report_json.PRETTY = True
     handler: Handler = args.handler
     try:
         return handler(args)

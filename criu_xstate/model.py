@@ -159,10 +159,15 @@ class Process:
     threads: list[Thread] = field(default_factory=list)
 
     def vma_at(self, addr: int) -> Vma | None:
-        for v in self.vmas:
-            if addr in v:
-                return v
+        """A bisection over the VMAs (sorted by load_model): show asks it for every thread."""
+        i = bisect.bisect_right(self._vma_starts, addr) - 1
+        if i >= 0 and addr in self.vmas[i]:
+            return self.vmas[i]
         return None
+
+    @cached_property
+    def _vma_starts(self) -> list[int]:
+        return [v.start for v in self.vmas]
 
     @cached_property
     def address_space(self) -> AddressSpace:
@@ -188,9 +193,11 @@ def _thread_xsave(fpregs: Any) -> ThreadXsave:
     in_use = set()
     pkru = None
     for n, name in XSAVE_FIELDS.items():
-        values = _ints(getattr(xs, name))
+        if n != PKRU and not bv >> n & 1:
+            continue  # not in use whatever the array holds: not converted (most threads use 0..2)
+        values = getattr(xs, name)
         if n == PKRU and values:
-            pkru = values[0] & 0xFFFFFFFF
+            pkru = int(values[0]) & 0xFFFFFFFF
         if bv >> n & 1 and any(values):
             in_use.add(n)
     return ThreadXsave(bv, frozenset(in_use), pkru, mxcsr)

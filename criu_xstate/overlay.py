@@ -15,44 +15,40 @@ import bisect
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from criu_xstate.errors import ApplyError
-from criu_xstate.images.addrspace import PAGE, PE_LAZY, PE_PARENT, PE_PRESENT
-from criu_xstate.images.framing import Pagemap, read_pagemap
+from criu_xstate.images.framing import encode_image
+from criu_xstate.images.pagemap import (
+    NO_OFFSET,
+    PAGE,
+    PE_LAZY,
+    PE_PARENT,
+    PE_PRESENT,
+    PagemapRuns,
+    read_pagemap_runs,
+    read_pages_id,
+    runs_of,
+)
 from criu_xstate.images.pb import pagemap_pb2
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 
 
-def _entry(vaddr: int, pages: int, flags: int, modern: bool) -> pagemap_pb2.pagemap_entry:
+def _entry(vaddr: int, pages: int, flags: int, modern: bool) -> bytes:
     e = pagemap_pb2.pagemap_entry(vaddr=vaddr, flags=flags)
     e.compat_nr_pages = 0 if modern else pages
     if modern:
         e.nr_pages = pages
-    return e
+    data: bytes = e.SerializeToString()
+    return data
 
 
-def _grow(e: pagemap_pb2.pagemap_entry, modern: bool) -> None:
-    if modern:
-        e.nr_pages = int(e.nr_pages) + 1
-    else:
-        e.compat_nr_pages = int(e.compat_nr_pages) + 1
-
-
-def _runs(pm: Pagemap) -> list[tuple[int, int, int, int | None]]:
-    """(vaddr, pages, flags, offset in the pages file or None) per entry, CRIU's normalization."""
-    out: list[tuple[int, int, int, int | None]] = []
-    offset = 0
-    for e in pm.entries:
-        pages = int(e.nr_pages) if e.HasField("nr_pages") else int(e.compat_nr_pages)
-        flags = int(e.flags) if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
-        if flags & PE_PRESENT:
-            out.append((int(e.vaddr), pages, flags, offset))
-            offset += pages * PAGE
-        else:
-            out.append((int(e.vaddr), pages, flags, None))
-    return out
+def _runs(pm: PagemapRuns) -> Iterator[tuple[int, int, int, int | None]]:
+    """(vaddr, pages, flags, offset in the pages file or None) per run (contiguous entries merged)."""
+    for vaddr, pages, flags, offset in zip(pm.starts, pm.pages, pm.flags, pm.offsets, strict=True):
+        yield vaddr, pages, flags, None if offset == NO_OFFSET else offset
 
 
 @dataclass
@@ -84,7 +80,7 @@ def _owners(src: Path, touched: set[str]) -> dict[str, str]:
     """The pagemap that owns each touched pages file."""
     owners: dict[str, str] = {}
     for pm_path in src.glob("pagemap-*.img"):
-        name = f"pages-{int(read_pagemap(pm_path).head.pages_id)}.img"
+        name = f"pages-{read_pages_id(pm_path)}.img"
         if name in touched:
             owners[name] = pm_path.name
     missing = touched - owners.keys()
@@ -134,52 +130,44 @@ def _dirty_pages(src_pages: Path, edits: list[ByteEdit], app: Append | None) -> 
     return dirty
 
 
-def _overlay_entries(
-    pm: Pagemap, dirty: dict[int, bytearray]
-) -> tuple[list[pagemap_pb2.pagemap_entry], bytearray]:
-    """The incremental pagemap and its pages: changed pages PE_PRESENT, the rest PE_PARENT.
+def _overlay_entries(pm: PagemapRuns, dirty: dict[int, bytearray]) -> tuple[list[bytes], bytearray]:
+    """The incremental pagemap's entries and its pages: changed pages PE_PRESENT, the rest PE_PARENT.
 
-    Only the changed pages are visited: the clean stretches between them become one PE_PARENT entry
-    each, however large the run (work grows with the change, not with the memory)."""
-    modern = any(e.HasField("nr_pages") and int(e.nr_pages) for e in pm.entries)
-    entries: list[pagemap_pb2.pagemap_entry] = []
+    Only the changed pages are visited, and contiguous entries were merged into runs when the pagemap
+    was decoded: a clean stretch between changed pages is one PE_PARENT entry however many MiB-sized
+    entries CRIU wrote for it (``criu restore`` reads a parent's pages across its entry boundaries).
+    Work and output grow with the change and the number of mappings, not with the memory."""
+    out: list[list[int]] = []  # [vaddr, pages, flags]
     blob = bytearray()
     dirty_offsets = sorted(dirty)
     for vaddr, pages, flags, offset in _runs(pm):
         if offset is None:
-            entries.append(_entry(vaddr, pages, flags, modern))
+            out.append([vaddr, pages, flags])
             continue
         lo = bisect.bisect_left(dirty_offsets, offset)
         hi = bisect.bisect_left(dirty_offsets, offset + pages * PAGE)
         i = 0
-        present: pagemap_pb2.pagemap_entry | None = None  # the changed pages just before page i
         for page_off in dirty_offsets[lo:hi]:
             j = (page_off - offset) // PAGE
             if j > i:
-                entries.append(_entry(vaddr + i * PAGE, j - i, PE_PARENT, modern))
-                present = None
-            if present is not None:
-                _grow(present, modern)
+                out.append([vaddr + i * PAGE, j - i, PE_PARENT])
+            if j == i and i > 0 and out[-1][2] & PE_PRESENT:
+                out[-1][1] += 1  # the page right after a changed page of this run
             else:
-                present = _entry(vaddr + j * PAGE, 1, PE_PRESENT | (flags & PE_LAZY), modern)
-                entries.append(present)
+                out.append([vaddr + j * PAGE, 1, PE_PRESENT | (flags & PE_LAZY)])
             blob += dirty[page_off]
             i = j + 1
         if i < pages:
-            entries.append(_entry(vaddr + i * PAGE, pages - i, PE_PARENT, modern))
-    return entries, blob
+            out.append([vaddr + i * PAGE, pages - i, PE_PARENT])
+    return [_entry(v, n, f, pm.modern) for v, n, f in out], blob
 
 
-def _pagemap_after(src: Path, out: Path, pm_name: str, writes: dict[str, FileWrite]) -> Pagemap:
-    """The pagemap the overlay describes: the change set's (relocation appended a run), or the original."""
+def _pagemap_after(src: Path, pm_name: str, writes: dict[str, FileWrite]) -> PagemapRuns:
+    """The pagemap the overlay describes: the change set's (relocation appended a run), or the original.
+    Both were decoded already and are remembered by their content."""
     if pm_name not in writes:
-        return read_pagemap(src / pm_name)
-    tmp = out / f".{pm_name}.new"
-    tmp.write_bytes(writes.pop(pm_name).new)
-    try:
-        return read_pagemap(tmp)
-    finally:
-        tmp.unlink()
+        return read_pagemap_runs(src / pm_name)
+    return runs_of(writes.pop(pm_name).new, str(src / pm_name))  # append_run remembered it
 
 
 def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
@@ -197,10 +185,10 @@ def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
     _link_unchanged(src, out, {"parent", *split.touched_pages, *owners.values(), *split.writes})
     written = 0
     for pages_name, pm_name in owners.items():
-        pm = _pagemap_after(src, out, pm_name, split.writes)
+        pm = _pagemap_after(src, pm_name, split.writes)
         dirty = _dirty_pages(src / pages_name, split.edits.get(pages_name, []), split.appends.get(pages_name))
         entries, blob = _overlay_entries(pm, dirty)
-        (out / pm_name).write_bytes(Pagemap(pm.raw, pm.head, tuple(entries)).encode())
+        (out / pm_name).write_bytes(encode_image(pm.head, pm.magic, [pm.head_payload, *entries]))
         (out / pages_name).write_bytes(bytes(blob))
         written += len(blob)
     for name, w in split.writes.items():

@@ -215,8 +215,15 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         "list-as-key",
     ],
 )
-def test_hostile_profiles_are_one_line_errors_fast(tmp_path: Path, text: str, expect: str) -> None:
+@pytest.mark.parametrize("pure", [False, True], ids=["libyaml", "pure-python"])
+def test_hostile_profiles_are_one_line_errors_fast(
+    tmp_path: Path, text: str, expect: str, pure: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import time
+
+    from criu_xstate import safeyaml
+
+    monkeypatch.setattr(safeyaml, "FORCE_PURE", pure)
 
     path = tmp_path / "p.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogateescape")
@@ -224,6 +231,17 @@ def test_hostile_profiles_are_one_line_errors_fast(tmp_path: Path, text: str, ex
     with pytest.raises(ProfileError, match=expect) as exc:
         hosts.load_profile(path)
     assert time.monotonic() - t0 < 2 and "\n" not in str(exc.value)
+
+
+def test_both_yaml_loaders_read_every_shipped_profile_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    from criu_xstate import safeyaml
+
+    for path in sorted((Path(hosts.__file__).parent / "data" / "hosts").glob("*.yaml")):
+        text = path.read_text()
+        fast = safeyaml.load(text, path)
+        monkeypatch.setattr(safeyaml, "FORCE_PURE", True)
+        assert safeyaml.load(text, path) == fast, path.name
+        monkeypatch.setattr(safeyaml, "FORCE_PURE", False)
 
 
 def test_a_fifo_as_profile_does_not_block(tmp_path: Path) -> None:

@@ -39,7 +39,17 @@ def test_a_single_entry_image_stops_at_its_second_entry(
     assert "more than 1 entries (expected one" in err and path.name in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("pattern", ["pstree.img", "pagemap-*.img"])
+def test_a_pagemap_of_empty_entries_stops_at_the_first(ck: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Pagemap entries are validated as they are decoded (tests/test_perf_invariants.py has the entry
+    limit): the first empty one is refused, the million after it are never looked at."""
+    path = next(ck.glob("pagemap-*.img"))
+    path.write_bytes(path.read_bytes() + b"\0\0\0\0" * MAX_ENTRIES)
+    assert main(["plan", str(ck), "--dest", DEST]) == 2
+    err = capsys.readouterr().err
+    assert "impossible page count 0" in err and path.name in err
+
+
+@pytest.mark.parametrize("pattern", ["pstree.img"])
 def test_many_entry_images_stop_at_the_limit(
     ck: Path, pattern: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -192,7 +192,7 @@ def test_archives_are_read(tmp_path: Path, suffix: str, capsys: pytest.CaptureFi
     else:
         _tar(archive, _fixture_members(), "w:gz" if suffix == ".tar.gz" else "w")
     assert main(["show", str(archive), "--json"]) == 0
-    assert '"live": true' in capsys.readouterr().out
+    assert '"live":true' in capsys.readouterr().out  # compact JSON when stdout is not a terminal
 
 
 def _special(name: str, kind: bytes) -> tuple[str, bytes | None, str | None]:
@@ -245,7 +245,7 @@ def test_archive_format_comes_from_the_content_not_the_name(
     archive = tmp_path / "export.tar.gz"  # Podman's default name for what is zstd by default
     archive.write_bytes(data)
     assert main(["show", str(archive), "--json"]) == 0
-    assert '"live": true' in capsys.readouterr().out
+    assert '"live":true' in capsys.readouterr().out  # compact JSON when stdout is not a terminal
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ parent checkpoint's address space; ``PE_LAZY`` runs without ``PE_PRESENT`` are n
 (a lazy-pages daemon serves them) and read as unreadable, never as zeros. Anonymous private pages
 that no run covers were never touched and read as zeros.
 
-Reads use ``pread`` on the pages file and binary search over the runs: the cost of a read depends on
-its size and ``log(runs)``, never on the size of the pages file.
+Reads use ``pread`` on the pages file and binary search over the runs (arrays decoded once by
+:mod:`criu_xstate.images.pagemap`): the cost of a read depends on its size and ``log(runs)``, never
+on the size of the pages file.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from __future__ import annotations
 import bisect
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from criu_xstate.errors import ImageError, MemoryUnreadable
-from criu_xstate.images.framing import Pagemap, open_image
+from criu_xstate.images.framing import open_image
+from criu_xstate.images.pagemap import NO_OFFSET, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT, PagemapRuns
 from criu_xstate.images.pb import mm_pb2
 
-PAGE = 4096
-PE_PARENT = 1 << 0
-PE_LAZY = 1 << 1
-PE_PRESENT = 1 << 2
+__all__ = ["PAGE", "PE_LAZY", "PE_PARENT", "PE_PRESENT", "AddressSpace", "Run"]
 VMA_AREA_REGULAR = 1 << 0
 VMA_FILE_PRIVATE = 1 << 6
 VMA_FILE_SHARED = 1 << 7
@@ -48,17 +48,23 @@ class Run:
 
 class AddressSpace:
     def __init__(
-        self, directory: Path, pagemap: Pagemap, mm: mm_pb2.mm_entry, parent: AddressSpace | None = None
+        self,
+        directory: Path,
+        pagemap: PagemapRuns,
+        mm: mm_pb2.mm_entry,
+        parent: AddressSpace | None = None,
+        *,
+        pagemap_path: str = "pagemap",
     ) -> None:
         self.dir = directory
         self.parent = parent
-        self.pages_path = directory / f"pages-{int(pagemap.head.pages_id)}.img"
-        self.pagemap_path = pagemap.raw.path
+        self.pages_path = directory / f"pages-{pagemap.pages_id}.img"
+        self.pagemap_path = pagemap_path
         self.vmas = sorted((int(v.start), int(v.end), int(v.status)) for v in mm.vmas)
-        self.runs = self._runs(pagemap)
-        self._starts = [r.start for r in self.runs]
+        self.pagemap = pagemap
+        self._starts = pagemap.starts
         self._fd: int | None = None
-        present_bytes = sum(r.pages * PAGE for r in self.runs if r.file_offset is not None)
+        present_bytes = pagemap.present_bytes
         if present_bytes:
             if not self.pages_path.exists() and not self.pages_path.is_symlink():
                 raise ImageError(self.pages_path, f"missing, but {self.pagemap_path} lists present pages")
@@ -71,31 +77,15 @@ class AddressSpace:
                     f"{size // PAGE} ({size} bytes)",
                 )
 
-    def _runs(self, pagemap: Pagemap) -> list[Run]:
-        runs: list[Run] = []
-        offset = 0
-        prev_end = 0
-        for i, e in enumerate(pagemap.entries):
-            vaddr = int(e.vaddr)
-            pages = int(e.nr_pages) if e.HasField("nr_pages") else int(e.compat_nr_pages)
-            # CRIU < 4.2 may omit flags: the page is then present, or in the parent (criu/pagemap.c)
-            flags = int(e.flags) if e.HasField("flags") else (PE_PARENT if e.in_parent else PE_PRESENT)
-            if e.in_parent:
-                flags |= PE_PARENT
-            where = f"entry {i + 1} (vaddr 0x{vaddr:x})"
-            if vaddr % PAGE:
-                raise ImageError(self.pagemap_path, f"{where} is not page aligned")
-            if pages <= 0 or pages > USER_SPACE_END // PAGE or vaddr + pages * PAGE > USER_SPACE_END:
-                raise ImageError(self.pagemap_path, f"{where} has an impossible page count {pages}")
-            if vaddr < prev_end:
-                raise ImageError(self.pagemap_path, f"{where} overlaps or precedes the previous run")
-            file_offset = None
-            if flags & PE_PRESENT:
-                file_offset = offset
-                offset += pages * PAGE
-            runs.append(Run(vaddr, pages, flags, file_offset))
-            prev_end = vaddr + pages * PAGE
-        return runs
+    def _run(self, i: int) -> Run:
+        pm = self.pagemap
+        offset = pm.offsets[i]
+        return Run(pm.starts[i], pm.pages[i], pm.flags[i], None if offset == NO_OFFSET else offset)
+
+    @cached_property
+    def runs(self) -> list[Run]:
+        """Every run (contiguous pagemap entries with the same flags are one run)."""
+        return [self._run(i) for i in range(len(self._starts))]
 
     def close(self) -> None:
         if self._fd is not None:
@@ -115,8 +105,8 @@ class AddressSpace:
 
     def run_at(self, vaddr: int) -> Run | None:
         i = bisect.bisect_right(self._starts, vaddr) - 1
-        if i >= 0 and vaddr < self.runs[i].end:
-            return self.runs[i]
+        if i >= 0 and vaddr < self._starts[i] + self.pagemap.pages[i] * PAGE:
+            return self._run(i)
         return None
 
     def vma_at(self, vaddr: int) -> tuple[int, int, int] | None:
@@ -131,6 +121,9 @@ class AddressSpace:
     def read(self, vaddr: int, size: int) -> bytes:
         if size < 0 or size > MAX_READ:
             raise self._unreadable(vaddr, size, f"read of {size} bytes refused (limit {MAX_READ})")
+        run = self.run_at(vaddr)
+        if run is not None and run.file_offset is not None and vaddr + size <= run.end:
+            return self._pread(run.file_offset + (vaddr - run.start), size)  # one run: no copy
         out = bytearray()
         pos = vaddr
         end = vaddr + size
@@ -138,7 +131,7 @@ class AddressSpace:
             run = self.run_at(pos)
             if run is None:
                 nxt = bisect.bisect_right(self._starts, pos)
-                chunk_end = min(end, self.runs[nxt].start if nxt < len(self.runs) else end)
+                chunk_end = min(end, self._starts[nxt] if nxt < len(self._starts) else end)
                 chunk_end = max(chunk_end, min(end, (pos // PAGE + 1) * PAGE))
                 out += self._hole(pos, chunk_end - pos)
                 pos = chunk_end
@@ -191,4 +184,4 @@ class AddressSpace:
 
     @property
     def present_bytes(self) -> int:
-        return sum(r.pages * PAGE for r in self.runs if r.file_offset is not None)
+        return self.pagemap.present_bytes

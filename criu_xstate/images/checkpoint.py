@@ -12,28 +12,28 @@ import os
 import shutil
 import signal
 import stat
-import tarfile
-import tempfile
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from criu_xstate.errors import ImageError
-from criu_xstate.images import archive, framing
+from criu_xstate.images import framing
 from criu_xstate.images.addrspace import AddressSpace
-from criu_xstate.images.container import (
-    ContainerMeta,
-    read_container_meta,
-)
+from criu_xstate.images.pagemap import PagemapRuns, read_pagemap_runs
 from criu_xstate.images.pb import core_pb2, cpuinfo_pb2, inventory_pb2, mm_pb2, pstree_pb2
+
+if TYPE_CHECKING:  # archives and container metadata are imported when a command meets them: a plan of
+    import tarfile  # an images directory does not pay for tarfile, hashlib and tempfile at start-up
+
+    from criu_xstate.images.container import ContainerMeta
 
 MAX_PARENT_DEPTH = 64
 # Linux maps at most vm.max_map_count areas per process (65,530 by default, 262,144 where databases ask
 # for more). Each area costs ~450 bytes once decoded and indexed: the limit is ~0.5 GB and ~4 s; a 64 MiB
 # mm entry would otherwise hold 2.4 million (1.1 GB, 8 s).
 MAX_VMAS = 1 << 20
-ARCHIVE_IMAGES = archive.ARCHIVE_IMAGES
+ARCHIVE_IMAGES = "checkpoint"  # archive.ARCHIVE_IMAGES (a test checks they agree)
 
 
 class Checkpoint:
@@ -95,9 +95,14 @@ class Checkpoint:
         return self._mms[pid]
 
     def pagemap(self, pid: int) -> framing.Pagemap:
+        """Every entry as a protobuf message (a relocation appends one); lookups use :meth:`runs`."""
         if pid not in self._pagemaps:
             self._pagemaps[pid] = framing.read_pagemap(self.dir / f"pagemap-{pid}.img")
         return self._pagemaps[pid]
+
+    def runs(self, pid: int) -> PagemapRuns:
+        """The pagemap as compact runs, decoded once (remembered by content)."""
+        return read_pagemap_runs(self.dir / f"pagemap-{pid}.img")
 
     def cpuinfo(self) -> cpuinfo_pb2.cpuinfo_x86_entry | None:
         path = self.dir / "cpuinfo.img"
@@ -112,11 +117,19 @@ class Checkpoint:
             parent_space = None
             if parent is not None and os.path.lexists(parent.dir / f"pagemap-{pid}.img"):
                 parent_space = parent.address_space(pid)
-            self._spaces[pid] = AddressSpace(self.dir, self.pagemap(pid), self.mm(pid), parent_space)
+            self._spaces[pid] = AddressSpace(
+                self.dir,
+                self.runs(pid),
+                self.mm(pid),
+                parent_space,
+                pagemap_path=str(self.dir / f"pagemap-{pid}.img"),
+            )
         return self._spaces[pid]
 
     def container(self) -> ContainerMeta | None:
         """Podman / CRI-O metadata (config.dump, spec.dump) when the checkpoint came with it."""
+        from criu_xstate.images.container import read_container_meta
+
         return read_container_meta(self.dir)
 
     def close(self) -> None:
@@ -142,6 +155,8 @@ def archive_format(path: Path) -> str:
         head = os.pread(fd, 512, 0)
     finally:
         os.close(fd)
+    from criu_xstate.images import archive
+
     fmt = archive.sniff(head)
     if fmt is None:
         known = next((n for m, n in archive.UNSUPPORTED_MAGICS.items() if head.startswith(m)), None)
@@ -152,6 +167,8 @@ def archive_format(path: Path) -> str:
 
 def _open_archive(path: Path) -> tuple[tarfile.TarFile, IO[bytes]]:
     """A streaming reader (members are read once, in order, and never all kept in memory)."""
+    import tarfile
+
     fmt = archive_format(path)
     raw = path.open("rb")
     try:
@@ -183,6 +200,8 @@ def extract_archive(path: Path, into: Path) -> None:
     images may not declare more than the free space of ``into``'s filesystem (checked before each member
     is written) nor more than ``CRIU_XSTATE_MAX_EXTRACT`` bytes (64 GiB by default).
     """
+    from criu_xstate.images import archive
+
     fmt = archive_format(path)
     limits = archive.Limits(
         room=_room(into), members=MAX_ARCHIVE_MEMBERS, image_bytes=archive.image_bytes_from_env()
@@ -210,6 +229,8 @@ def open_checkpoint(path: Path) -> Iterator[Checkpoint]:
         return
     if not is_archive(path):
         raise ImageError(path, "neither an images directory nor a checkpoint archive (tar, gzip or zstd)")
+    import tempfile
+
     tmp = Path(tempfile.mkdtemp(prefix="criu-xstate-"))
     try:
         os.chmod(tmp, stat.S_IRWXU)

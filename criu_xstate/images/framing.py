@@ -35,6 +35,8 @@ MAX_ENTRY_BYTES = 64 << 20
 # large processes). Each decoded entry costs ~600 bytes of Python objects: 1,048,576 of them ~0.8 GB
 # and ~6 s. Without it, a 40 MB core image of empty entries took 34 s and 5.6 GB before it was refused.
 MAX_ENTRIES = 1 << 20
+# Pagemap images decoded in this process, either way (tests count the decodes of one command).
+PAGEMAP_DECODES = 0
 
 
 @dataclass(frozen=True)
@@ -76,46 +78,57 @@ def encode_image(head: int | None, magic: int, payloads: tuple[bytes, ...] | lis
     return b"".join(parts)
 
 
-def split_image(data: bytes, kind: ImageKind, path: str, max_entries: int = MAX_ENTRIES) -> RawImage:
-    """Parse the framing of ``data`` as an image of ``kind`` with at most ``max_entries`` entries."""
-    pos = 0
-
-    def u32(what: str) -> int:
-        nonlocal pos
-        if pos + 4 > len(data):
-            raise ImageError(path, f"truncated: {what} at offset {pos} needs 4 bytes, file has {len(data)}")
-        (value,) = struct.unpack_from("<I", data, pos)
-        pos += 4
-        return int(value)
-
+def split_header(data: bytes, kind: ImageKind, path: str) -> tuple[int | None, int, int]:
+    """(head magic, image magic, offset of the first entry) of ``data`` as an image of ``kind``."""
     if not data:
         raise ImageError(path, "empty file (not a CRIU image)")
     head: int | None = None
+    pos = 0
     if kind.head is not None:
-        head = u32("head magic")
+        head = _u32(data, pos, path, "head magic")
+        pos += 4
         if head not in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC):
             raise ImageError(path, f"head magic 0x{head:08x} is not a CRIU image magic")
-    magic = u32("image magic")
+    magic = _u32(data, pos, path, "image magic")
     if magic != kind.magic:
         raise ImageError(path, f"magic 0x{magic:08x} is not the {kind.name} image magic 0x{kind.magic:08x}")
+    return head, magic, pos + 4
+
+
+def _u32(data: bytes, pos: int, path: str, what: str) -> int:
+    if pos + 4 > len(data):
+        raise ImageError(path, f"truncated: {what} at offset {pos} needs 4 bytes, file has {len(data)}")
+    return int(_U32.unpack_from(data, pos)[0])
+
+
+_U32 = struct.Struct("<I")
+
+
+def next_entry(data: bytes, pos: int, path: str, index: int) -> tuple[bytes | None, int]:
+    """The payload of entry ``index`` at ``pos`` and the offset after it; (None, pos) at the end."""
+    if pos >= len(data):
+        return None, pos
+    size = _u32(data, pos, path, f"size of entry {index}")
+    if size > MAX_ENTRY_BYTES:
+        raise ImageError(path, f"entry {index} at offset {pos} claims {size} bytes (limit {MAX_ENTRY_BYTES})")
+    if pos + 4 + size > len(data):
+        raise ImageError(
+            path, f"entry {index} at offset {pos} claims {size} bytes but only {len(data) - pos - 4} remain"
+        )
+    return data[pos + 4 : pos + 4 + size], pos + 4 + size
+
+
+def split_image(data: bytes, kind: ImageKind, path: str, max_entries: int = MAX_ENTRIES) -> RawImage:
+    """Parse the framing of ``data`` as an image of ``kind`` with at most ``max_entries`` entries."""
+    head, magic, pos = split_header(data, kind, path)
     payloads: list[bytes] = []
     while pos < len(data):
         if len(payloads) == max_entries:
             what = f"expected one {kind.name} entry" if max_entries == 1 else f"limit {max_entries}"
             raise ImageError(path, f"more than {max_entries} entries ({what})")
-        at = pos
-        size = u32(f"size of entry {len(payloads)}")
-        if size > MAX_ENTRY_BYTES:
-            raise ImageError(
-                path, f"entry {len(payloads)} at offset {at} claims {size} bytes (limit {MAX_ENTRY_BYTES})"
-            )
-        if pos + size > len(data):
-            raise ImageError(
-                path,
-                f"entry {len(payloads)} at offset {at} claims {size} bytes but only {len(data) - pos} remain",
-            )
-        payloads.append(data[pos : pos + size])
-        pos += size
+        payload, pos = next_entry(data, pos, path, len(payloads))
+        assert payload is not None
+        payloads.append(payload)
     return RawImage(path, head, magic, tuple(payloads))
 
 
@@ -220,6 +233,9 @@ class Pagemap:
 
 
 def read_pagemap(path: Path) -> Pagemap:
+    """Every entry as a message (for rewriting it); lookups use :mod:`criu_xstate.images.pagemap`."""
+    global PAGEMAP_DECODES
+    PAGEMAP_DECODES += 1
     raw = read_raw(path, PAGEMAP)
     if not raw.payloads:
         raise ImageError(path, "pagemap has no head entry")

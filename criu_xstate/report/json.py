@@ -6,6 +6,7 @@ JSON and reason codes"); keys and their order are part of them.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 
 from criu_xstate.frames import SignalFrame
@@ -21,8 +22,17 @@ PLANS_SCHEMA = "criu-xstate/plans/v1"
 SHOW_SCHEMA = "criu-xstate/show/v1"
 
 
-def dumps(obj: object) -> str:
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+# Indented for a person (stdout is a terminal, or --pretty), else compact: one line, and encoded by
+# json's C encoder (indentation takes the pure-Python one: 0.7 s of a 4000-thread plan's 3.4 s).
+PRETTY: bool | None = None  # None: decide by stdout
+
+
+def dumps(obj: object, *, pretty: bool | None = None) -> str:
+    if pretty is None:
+        pretty = PRETTY if PRETTY is not None else sys.stdout.isatty()
+    if pretty:
+        return json.dumps(obj, indent=2) + "\n"
+    return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
 def _hex(value: int | None) -> str | None:
