@@ -13,7 +13,7 @@ from criu_xstate.frames import SignalFrame
 from criu_xstate.glibc import GlibcState, GlibcUnread
 from criu_xstate.hosts import Difference
 from criu_xstate.model import CheckpointModel, Thread
-from criu_xstate.plan import Finding, FrameAction, FrameDecision, Plan, ThreadPlan
+from criu_xstate.plan import Finding, FrameAction, FrameDecision, Plan, Severity, ThreadPlan
 from criu_xstate.plan.findings import ProcessPlan
 from criu_xstate.x86.xfeatures import component_name
 
@@ -35,6 +35,9 @@ def dumps(obj: object, *, pretty: bool | None = None) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
+_SEVERITY = {s: s.name.lower() for s in Severity}  # enum .name is a slow descriptor, read per finding
+
+
 def _hex(value: int | None) -> str | None:
     return hex(value) if value is not None else None
 
@@ -49,7 +52,7 @@ def mask_names(mask: int) -> list[str]:
 def finding_json(f: Finding) -> dict[str, object]:
     out: dict[str, object] = {
         "code": f.code,
-        "severity": f.severity.name.lower(),
+        "severity": _SEVERITY[f.severity],
         "subject": f.subject,
         "detail": f.detail,
     }

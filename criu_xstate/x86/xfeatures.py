@@ -69,7 +69,14 @@ def component_name(n: int) -> str:
 
 
 def bits(mask: int) -> list[int]:
-    return [i for i in range(64) if mask >> i & 1]
+    """The set bit numbers of ``mask``, lowest first (walks the set bits only: called per thread)."""
+    out = []
+    mask &= (1 << 64) - 1  # as the old range(64) did: a negative mask is its low 64 bits
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
 
 
 def state_bytes(n: int, size: int) -> int:
