@@ -244,7 +244,12 @@ def kvm_usable(bins: dict[str, Path], work: Path) -> str | None:
             timeout=60,
         )
     except subprocess.TimeoutExpired:
-        return f"a KVM guest (-cpu {CPUS['kvm'].qemu}) did not boot here within 60 s"
+        pvm = (
+            " (/dev/kvm is kvm_pvm here: PVM runs only guest kernels built for it, not Debian's)"
+            if Path("/sys/module/kvm_pvm").exists()
+            else ""
+        )
+        return f"a KVM guest (-cpu {CPUS['kvm'].qemu}) did not boot within 60 s{pvm}"
     except RuntimeError as e:
         return f"a KVM guest (-cpu {CPUS['kvm'].qemu}) did not boot here: {str(e).splitlines()[0][:200]}"
     return None if (g.out / "probe.txt").exists() else "KVM guest gave no probe output"
@@ -411,8 +416,13 @@ def judge(cell: dict[str, Any]) -> tuple[str, str]:
             if cell["true_causes"]:
                 return "fail", f"not refused although {', '.join(sorted(cell['true_causes']))}"
             return "pass", "intact after apply (control " + summary(control) + ")"
-        gap = " (known gap: thread-level PKRU rule pending)" if known_gap(cell) else ""
-        return "fail", f"after apply: {summary(applied)}{gap}"
+        note = " (known gap: thread-level PKRU rule pending)" if known_gap(cell) else ""
+        if cell.get("applied_identical") and summary(control) != summary(applied):
+            note += (
+                " (not reproducible: the applied copy is byte-identical to the control, which gave"
+                f" {summary(control)})"
+            )
+        return "fail", f"after apply: {summary(applied)}{note}"
     if str(cell.get("plan_error", "")).startswith("destination profile") and control.get("status") == (
         "restore-failed"
     ):
@@ -552,6 +562,7 @@ class Run:
             cell["apply_exit"] = rc
             cell["apply_error"] = err.strip()[-300:]
             cell["apply_wrote_nothing"] = not applied.exists() and tree_digest(images) == before
+            cell["applied_identical"] = applied.is_dir() and tree_digest(applied) == before
             cell["source_unchanged"] = tree_digest(images) == before
             runs = [("control", images)]
             if rc == 0 and applied.is_dir():
@@ -734,7 +745,7 @@ def _pair_rows(cells: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
-def render_md(rep: dict[str, Any]) -> str:
+def render_md(rep: dict[str, Any], notes: str = "") -> str:
     cells = rep["cells"]
     m = rep["machine"]
     dur = f"{rep['seconds'] // 60} min {rep['seconds'] % 60} s"
@@ -815,7 +826,15 @@ def render_md(rep: dict[str, Any]) -> str:
             f" Oracle after apply: lost {', '.join(ap.get('lost', [])) or '-'};"
             f" PKRU {', '.join(ap.get('pkru', []))}."
         )
+    if notes:
+        out += ["", notes.rstrip()]
     return "\n".join(out) + "\n"
+
+
+def notes_for(out: Path) -> str:
+    """Hand-written findings kept beside the generated table (OUT.notes.md), appended to OUT.md."""
+    p = out.with_suffix(".notes.md")
+    return p.read_text() if p.exists() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -829,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.render:
         rep = json.loads(Path(args.render).read_text())
-        Path(args.out).with_suffix(".md").write_text(render_md(rep))
+        Path(args.out).with_suffix(".md").write_text(render_md(rep, notes_for(Path(args.out))))
         return 0
     reason = qemu_guest.skip_reason()
     if reason:
@@ -844,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rep, indent=1, sort_keys=False) + "\n")
-    out.with_suffix(".md").write_text(render_md(rep))
+    out.with_suffix(".md").write_text(render_md(rep, notes_for(out)))
     return 0 if rep["failed"] == 0 else 1
 
 
