@@ -134,7 +134,7 @@ static unsigned long seed;
 static volatile sig_atomic_t released;
 static int entered, expected;
 static __thread int depth;
-static __thread uint32_t pkru_want; /* per level: what the frame must give back */
+static __thread volatile uint32_t pkru_want; /* per level: what the frame must give back */
 static pthread_mutex_t out_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static long gettid_(void) { return syscall(SYS_gettid); }
