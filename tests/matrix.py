@@ -763,7 +763,7 @@ def render_md(rep: dict[str, Any], notes: str = "") -> str:
         f"- {rep['date']}, subset `{rep['subset']}`, {dur} (one guest at a time)",
         f"- ran on {m['cpu']} (XCR0 {m['xcr0']}, {m['user_size']} B), Linux {m['kernel']},"
         f" {m['cores']} cores",
-        f"- {rep['qemu']}; {rep['criu']}",
+        f"- {rep['qemu']}; CRIU {rep['criu'].replace('Version: ', '')}",
         f"- **{len(cells)} cells: {rep['passed']} pass, {rep['failed']} fail"
         f" ({rep['known_gap']} of them the thread-level PKRU gap), {rep['not_run']} not run**",
         "",
@@ -789,7 +789,7 @@ def render_md(rep: dict[str, Any], notes: str = "") -> str:
             out.append(
                 f"| {k} | `{g['qemu_cpu']}` ({g['accel']}) | {k.split('@')[1]} | none | 512 (FXSAVE) |"
                 " - | - | - |"
-                f" {g['dmesg_xstate'] or 'no xstate line'}; criu-xstate: {g['profile_error']} |"
+                f" {g['dmesg_xstate'] or 'no xstate line'}; {g['profile_error']} |"
             )
             continue
         out.append(
