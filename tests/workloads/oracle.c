@@ -377,8 +377,8 @@ static void handler(int sig, siginfo_t *si, void *ucp)
 		memcpy(&ext, fp + 468, 4);
 		memcpy(&xfeat, fp + 472, 8);
 		memcpy(&xsize, fp + 480, 4);
-		/* an FXSAVE-only frame (no XSAVE CPU) ends with magic2 at +512: at the top of a sigaltstack
-		 * the bytes after it are not mapped */
+		/* an FXSAVE-only frame (CPU without XSAVE: magic1, xstate_size 512, no magic2) ends at +512:
+		 * at the top of a sigaltstack the bytes after it are not mapped */
 		if (magic1 == 0x46505853u && xsize >= 576)
 			memcpy(&xbv, fp + 512, 8);
 	}
