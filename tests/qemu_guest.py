@@ -331,7 +331,7 @@ def free_pid_window() -> int:
     ahead = range(pid_max - PID_WINDOW - 1, last + 5000, -PID_WINDOW)
     for base in (*below, *ahead):
         if not any(Path(f"/proc/{p}").exists() for p in range(base, base + PID_WINDOW)):
-            return base
+            return int(base)
     raise RuntimeError("no free window of pids on this host for guest workloads")
 
 
