@@ -129,6 +129,8 @@ CI = [
     ("avx", "max", "6.1", "nohandler"),
     # FXSAVE-only frames into a pkeys CPU (a known product bug, docs/matrix.md)
     ("fx", "max", "6.1", "single"),
+    # THREAD_PKRU_MISSING_OPENS_KEYS: idle threads from a CPU without pkeys get the default PKRU
+    ("max-nopku", "max-nompx", "6.16", "stale"),
 ]
 
 
@@ -370,6 +372,9 @@ def true_causes(
         causes |= {"COMPONENT_IN_USE_MISSING_ON_DEST", "THREAD_COMPONENT_IN_USE_MISSING_ON_DEST"}
     if variant == "pkeys" and not dxcr0 >> 9 & 1:
         causes |= {"PKRU_IN_USE_DEST_NO_PKEYS", "THREAD_PKRU_IN_USE_DEST_NO_PKEYS"}
+    src_xsave = int(str(src.get("xsave", {}).get("user_size", 0))) >= 576
+    if src_xsave and int(str(dst.get("xsave", {}).get("user_size", 0))) < 576:  # no XSAVE there
+        causes |= {"THREAD_XSAVE_DEST_WITHOUT_XSAVE", "DEST_WITHOUT_XSAVE"}
     mask = int(str(dst.get("xsave", {}).get("mxcsr_mask", "0xffff")), 0)
     if 0xDFC0 & ~mask:  # the oracle's MXCSR values use bits 6, 7-12, 13-15
         causes.add("MXCSR_UNSUPPORTED_BITS")
@@ -416,7 +421,11 @@ def judge(cell: dict[str, Any]) -> tuple[str, str]:
             if cell["true_causes"]:
                 return "fail", f"not refused although {', '.join(sorted(cell['true_causes']))}"
             return "pass", "intact after apply (control " + summary(control) + ")"
-        note = " (known gap: thread-level PKRU rule pending)" if known_gap(cell) else ""
+        note = (
+            " (idle threads from a CPU without pkeys run with PKRU 0: THREAD_PKRU_MISSING_OPENS_KEYS missed)"
+            if known_gap(cell)
+            else ""
+        )
         if cell.get("applied_identical") and summary(control) != summary(applied):
             note += (
                 " (not reproducible: the applied copy is byte-identical to the control, which gave"

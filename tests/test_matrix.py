@@ -36,6 +36,7 @@ CI_CODES = {
     "THREAD_PKRU_IN_USE_DEST_NO_PKEYS",
     "COMPONENT_IN_USE_MISSING_ON_DEST",
     "THREAD_COMPONENT_IN_USE_MISSING_ON_DEST",
+    "THREAD_PKRU_MISSING_OPENS_KEYS",
 }
 
 
@@ -58,8 +59,6 @@ def test_cell(ci_run: dict[str, dict[str, Any]], cell_id: str) -> None:
     if cell_id in KNOWN_BUGS:
         assert cell["outcome"] == "fail", f"fixed? remove {cell_id} from KNOWN_BUGS: {cell['why']}"
         pytest.xfail(KNOWN_BUGS[cell_id])
-    if cell["outcome"] == "fail" and matrix.known_gap(cell):
-        pytest.xfail(f"thread-level PKRU rule not in criu_xstate yet: {cell['applied']['pkru']}")
     assert cell["outcome"] == "pass", (
         cell["why"],
         cell.get("codes"),
