@@ -10,17 +10,21 @@ its loader (a process mapping the very loader CRIU runs under cannot be restored
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from criu_xstate import hosts
 from criu_xstate.cli import main
+from criu_xstate.glibc import save_extent
 from criu_xstate.x86.cpuid import parse_dump
-from tests import qemu_guest
+from tests import qemu_guest, realcriu
 from tests.qemu_guest import SHARED, run_guest
 from tests.realcriu import CACHE, WORKLOADS
 
@@ -135,3 +139,86 @@ for i in $(seq 1 30); do [ -d /proc/{pid} ] || break; sleep 0.1; done
     assert not (g.out / "result-plain").exists(), "the refused process ran on a CPU without AVX2"
     assert "invalid opcode" in (g.out / "trap-plain").read_text(), g.dmesg[-2000:]
     assert (g.out / "result-masked").read_text().startswith("ok "), g.log[-2000:]
+
+
+LIBDIR = f"{SHARED}/lib"  # the same path in the guest and here: the restored process maps its libraries
+
+
+def test_the_save_area_glibc_reserved_on_a_smaller_cpu_is_rewritten_for_this_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CRIU issue #3120 for real: glibc started on `-cpu Haswell-noTSX` (XSAVE without XSAVEC, AVX:
+    its lazy-binding trampoline reserves 960 bytes) restored on this machine, whose XSAVE of the same
+    components may write more. When it does (AVX-512 here), the restored process overwrites its
+    caller's stack at its first lazy binding; `apply` rewrites the cached size and the process runs.
+    When this CPU writes no more than the source did, the plan must say nothing is needed (no TCG model
+    has AVX-512, so no QEMU pair can show the failure on such a machine: docs/glibc-state.md)."""
+    reason = qemu_guest.skip_reason() or realcriu.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    trixie = CACHE / "criu-4.1.1" / "usr" / "lib" / "x86_64-linux-gnu"
+    exe = tmp_path / "glibc_features"
+    cmd = ["gcc", "-O2", "-o", str(exe), str(WORKLOADS / "glibc_features.c")]
+    cmd += [f"-Wl,--dynamic-linker={LIBDIR}/ld-linux-x86-64.so.2", f"-Wl,-rpath,{LIBDIR}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    files = {
+        EXE: exe,
+        f"{LIBDIR}/ld-linux-x86-64.so.2": trixie / "ld-linux-x86-64.so.2",
+        f"{LIBDIR}/libc.so.6": trixie / "libc.so.6",
+        "bin/probe-dump": qemu_guest.guest_files()["bin/probe-dump"],
+    }
+    images, pid = _dump(files, tmp_path / "src", None)
+    here = tmp_path / "here.yaml"
+    assert main(["probe", "-o", str(here), "--name", "this-host"]) == 0
+    root = tmp_path / "root"
+    for guest_path, src in files.items():
+        if guest_path.startswith(SHARED):
+            (root / guest_path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / guest_path.lstrip("/"))
+    plan = _plan(images, here, root, capsys)
+    (proc,) = plan["processes"]  # type: ignore[misc]
+    glibc = proc["glibc"]
+    assert glibc["read"] and glibc["trampoline"] == "xsave", glibc  # Haswell has no XSAVEC
+    (area,) = [a for a in glibc["save_areas"] if a["name"] == "xsave_state_size"]
+    reserved = area["size"]
+    assert reserved == 960, area  # glibc 2.41 without XSAVEC: ALIGN_UP(CPUID 0xD.0 EBX 832 + 88, 64)
+    profile = hosts.load_profile(here)
+    xcr0, comps = profile.xsave.xcr0, {n: (c.offset, c.size) for n, c in profile.xsave.components.items()}
+    need = 64 + save_extent("xsave", int(area["mask"], 16), xcr0, comps)
+    codes = [r["code"] for r in proc["reasons"]]
+    fixed = tmp_path / "fixed"
+    assert main(["apply", str(images), "--dest", str(here), "--root", str(root), "--out", str(fixed)]) == 0
+    capsys.readouterr()
+    results = {name: _restore_here(d, pid, files) for name, d in (("control", images), ("fixed", fixed))}
+    print(f"this host writes {need} bytes, the source reserved {reserved}; restored: {results}")
+    if need <= reserved:
+        assert "GLIBC_SAVE_AREA_TOO_SMALL" not in codes, proc
+        assert results == {"control": "ok", "fixed": "ok"}, results
+        return
+    assert "GLIBC_SAVE_AREA_TOO_SMALL" in codes, proc
+    assert results["fixed"] == "ok" and results["control"] != "ok", results
+
+
+def _restore_here(images: Path, pid: int, files: dict[str, Path]) -> str:
+    """Restore a guest's checkpoint on this machine (its files at the guest's paths), let it bind its
+    first functions, and say how it ended: "ok", or what became of it."""
+    for guest_path, src in files.items():
+        if guest_path.startswith(SHARED):
+            Path(guest_path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, guest_path)
+    work = Path(SHARED) / "wl"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    os.chown(work, 1000, 1000)
+    realcriu.criu("restore", "-D", str(images), "-d", log_dir=images, log="restore-here.log")
+    (work / "go").touch()
+    deadline = time.monotonic() + 20
+    while not (work / "done").exists() and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+        return "hung"
+    result = work / "result"
+    return result.read_text().split()[0] if result.exists() else "died"
