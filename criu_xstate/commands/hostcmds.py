@@ -10,7 +10,7 @@ from pathlib import Path
 
 from criu_xstate import hosts
 from criu_xstate.errors import ExitCode, ProbeError, ProfileError
-from criu_xstate.report.json import difference_json
+from criu_xstate.report.json import difference_json, dumps
 from criu_xstate.x86.cpuid import format_dump, parse_dump, probe_raw
 
 
@@ -73,7 +73,7 @@ def run_compare(args: argparse.Namespace) -> int:
     diffs = hosts.compare(a, b)
     if args.json:
         lacks = [difference_json(d) for d in diffs]
-        sys.stdout.write(json.dumps({"a": a.name, "b": b.name, "b_lacks": lacks}, indent=2) + "\n")
+        sys.stdout.write(dumps({"a": a.name, "b": b.name, "b_lacks": lacks}))
     elif not diffs:
         print(f"{b.name} has everything {a.name} has")
     else:
