@@ -46,14 +46,14 @@ from criu_xstate.x86.sigframe import (
     USER_CS_32,
     USER_CS_64,
 )
+from criu_xstate.x86.xfeatures import LEGACY
 from criu_xstate.x86.xsave import (
     FP_XSTATE_MAGIC2,
+    LEGACY_AREA_SIZE,
     MAGIC2_SIZE,
-    MIN_XSTATE_SIZE,
     XSAVE_ALIGN,
     SwBytes,
     XsaveImage,
-    image_bytes,
     magic2_at,
 )
 
@@ -168,11 +168,18 @@ class SignalFrame:
     def end(self) -> int:
         """First byte above the frame and its XSAVE image (magic2 included)."""
         if self.xsave_address is not None and self.sw is not None:
-            return max(self.address + self.size, self.xsave_address + image_bytes(self.sw.xstate_size))
+            return max(self.address + self.size, self.xsave_address + self.sw.frame_bytes)
         return self.address + self.size
 
     @property
+    def fxsave_only(self) -> bool:
+        """The image is FXSAVE's 512 bytes (a source CPU without XSAVE): no header, no magic2."""
+        return self.sw is not None and self.sw.fxsave_only
+
+    @property
     def xstate_bv(self) -> int | None:
+        if self.fxsave_only:
+            return LEGACY  # what FXRSTOR restores from such an image: x87 and SSE, always
         return XsaveImage(self.image).xstate_bv
 
     @property
@@ -311,14 +318,16 @@ class _Reader:
 
     def _probe(self, xsave: int) -> SwBytes | str:
         try:
-            sw = SwBytes.parse(self.read(xsave, MIN_XSTATE_SIZE))
+            sw = SwBytes.parse(self.read(xsave, LEGACY_AREA_SIZE))
         except MemoryUnreadable as exc:
             return f"fpstate unreadable: {exc.reason}"
         problem = sw.problem()
         if problem is not None:
             return problem
         try:
-            self._check_readable(xsave, image_bytes(sw.xstate_size))
+            self._check_readable(xsave, sw.frame_bytes)
+            if sw.fxsave_only:
+                return sw  # no magic2 after an FXSAVE image; the frame's other checks must hold alone
             word = self.read(xsave + sw.xstate_size, MAGIC2_SIZE)
         except MemoryUnreadable as exc:
             return f"XSAVE image unreadable: {exc.reason}"
@@ -418,6 +427,8 @@ def _fpstate_64(c: _Candidate) -> tuple[bool, str]:
         return False, f"fpstate 0x{c.fpstate:x} is not 64-byte aligned"
     if c.sw is None:
         return False, str(c.probe)
+    if c.sw.fxsave_only:
+        return True, f"fpstate 0x{c.fpstate:x}: magic1, FXSAVE image (512 bytes, no magic2)"
     return True, f"fpstate 0x{c.fpstate:x}: magic1, xstate_size {c.sw.xstate_size}, magic2 ok"
 
 
@@ -436,7 +447,7 @@ def _interrupted_sp(c: _Candidate) -> tuple[bool, str]:
     §1.3); from an altstack it points to the other stack, and a relocated image may be anywhere."""
     isp, end = c.fields["sp"], c.address + RT_SIGFRAME_SIZE
     if c.fpstate and c.address < c.fpstate < isp:
-        end = max(end, c.fpstate + image_bytes(c.sw.xstate_size if c.sw else 0))
+        end = max(end, c.fpstate + (c.sw.frame_bytes if c.sw else 0))
     if c.same_region(isp):
         return isp >= end, f"interrupted sp 0x{isp:x} vs frame end 0x{end:x}"
     return isp != 0, f"interrupted sp 0x{isp:x} vs frame end 0x{end:x} (other stack)"
@@ -527,7 +538,7 @@ def _with_image(frame: SignalFrame, reader: _Reader) -> SignalFrame:
     """The frame with its XSAVE image (through magic2) read, for frames that are reported."""
     if frame.sw is None or frame.xsave_address is None:
         return frame
-    return replace(frame, image=reader.read(frame.xsave_address, image_bytes(frame.sw.xstate_size)))
+    return replace(frame, image=reader.read(frame.xsave_address, frame.sw.frame_bytes))
 
 
 def _examine(

@@ -69,6 +69,7 @@ class ThreadXsave:
     in_use: frozenset[int]
     pkru: int | None
     mxcsr: int | None
+    fpregs: bool = True  # the image has FPU registers at all (without xsave: an FXSAVE-only source)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ def _ints(values: Any) -> list[int]:
 
 def _thread_xsave(fpregs: Any) -> ThreadXsave:
     if fpregs is None:
-        return ThreadXsave(None, frozenset(), None, None)
+        return ThreadXsave(None, frozenset(), None, None, fpregs=False)
     mxcsr = int(fpregs.mxcsr) if fpregs.HasField("mxcsr") else None
     if not fpregs.HasField("xsave"):
         return ThreadXsave(None, frozenset(), None, mxcsr)

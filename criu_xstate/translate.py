@@ -28,7 +28,6 @@ from criu_xstate.x86.xsave import (
     XSAVE_ALIGN,
     XsaveImage,
     build_image,
-    image_bytes,
 )
 
 LEGACY_COPY = SW_BYTES_OFFSET  # bytes 0..463: FXSAVE state and its reserved tail; sw bytes are rebuilt
@@ -127,7 +126,7 @@ def frame_patches(
     if frame.xsave_address is None or frame.sw is None:
         raise TranslateError(f"frame 0x{frame.address:x} has no XSAVE image")
     image = normalized_image(decision, dest)
-    old_len = image_bytes(frame.sw.xstate_size)
+    old_len = frame.sw.frame_bytes
     if decision.action is FrameAction.RELOCATE:
         return [], Relocation(
             pid, frame.tid, frame.address, frame.address + RT_SC_FPSTATE, frame.xsave_address, image

@@ -17,7 +17,16 @@ from criu_xstate.x86.sigframe import (
     UC_KNOWN_FLAGS,
     USER_CS_64,
 )
-from criu_xstate.x86.xsave import align_down, build_image, image_bytes
+from criu_xstate.x86.xsave import (
+    FP_XSTATE_MAGIC1,
+    LEGACY_AREA_SIZE,
+    MIN_XSTATE_SIZE,
+    SW_BYTES,
+    SW_BYTES_OFFSET,
+    align_down,
+    build_image,
+    image_bytes,
+)
 
 RESTORER = 0x401000
 
@@ -58,7 +67,13 @@ class FakeMemory:
 def xsave_image(
     xstate_size: int, xfeatures: int, xstate_bv: int, mxcsr: int = 0x1F80, fill: int = 0
 ) -> bytes:
-    """A kernel-written image; ``fill`` where XSAVE leaves the stack's bytes."""
+    """A kernel-written image; ``fill`` where XSAVE leaves the stack's bytes. ``xstate_size`` 512: an
+    FXSAVE image as a kernel on a CPU without XSAVE writes it (sw bytes 512/516, no header, no magic2)."""
+    if xstate_size == LEGACY_AREA_SIZE:
+        image = bytearray(build_image(MIN_XSTATE_SIZE, 0, 0, mxcsr=mxcsr, fill=fill)[:LEGACY_AREA_SIZE])
+        sw = {"magic1": FP_XSTATE_MAGIC1, "extended_size": 516, "xfeatures": 0, "xstate_size": 512}
+        image[SW_BYTES_OFFSET : SW_BYTES_OFFSET + SW_BYTES.size] = SW_BYTES.build(sw)
+        return bytes(image)
     return build_image(xstate_size, xfeatures, xstate_bv, mxcsr=mxcsr, fill=fill)
 
 
@@ -76,7 +91,7 @@ def frame_bytes(
     """A kernel-style 64-bit frame for a signal interrupting ``interrupted_sp``: (frame, fpstate, bytes
     from the frame to the end of its XSAVE image)."""
     top = on_altstack_top if on_altstack_top is not None else interrupted_sp - RED_ZONE
-    fpstate = align_down(top - image_bytes(xstate_size))
+    fpstate = align_down(top - (xstate_size if xstate_size == LEGACY_AREA_SIZE else image_bytes(xstate_size)))
     frame = fpstate - RT_KERNEL_FPSTATE_OFFSET
     assert frame % 16 == 8
     raw = RT_SIGFRAME_64.build(

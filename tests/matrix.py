@@ -127,8 +127,10 @@ CI = [
     ("avx", "sse", "6.1", "single"),
     ("avx", "sse", "6.16", "nohandler"),
     ("avx", "max", "6.1", "nohandler"),
-    # FXSAVE-only frames into a pkeys CPU (a known product bug, docs/matrix.md)
+    # FXSAVE-only frames into a pkeys CPU: relocated into an XSAVE image with the default PKRU (threads
+    # without xsave: THREAD_PKRU_MISSING_OPENS_KEYS); at the very top of a sigaltstack on 6.1
     ("fx", "max", "6.1", "single"),
+    ("fx", "max", "6.1", "altstack"),
     # THREAD_PKRU_MISSING_OPENS_KEYS: idle threads from a CPU without pkeys get the default PKRU
     ("max-nopku", "max-nompx", "6.16", "stale"),
 ]
@@ -382,9 +384,9 @@ def true_causes(
 
 
 def known_gap(cell: dict[str, Any]) -> bool:
-    """The thread-level PKRU gap (a rule for it is being added to criu_xstate): threads in no handler,
-    from a source without protection keys, restored on a destination with them, run with PKRU 0
-    (CRIU restores no PKRU component; 0 opens every key) while everything else is intact."""
+    """A miss of THREAD_PKRU_MISSING_OPENS_KEYS, named as such: threads in no handler, from a source
+    without protection keys, restored on a destination with them, run with PKRU 0 (CRIU restores no
+    PKRU component; 0 opens every key) while everything else is intact."""
     applied = cell.get("applied", {})
     lost = applied.get("lost", [])
     return (

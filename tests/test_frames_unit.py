@@ -256,3 +256,29 @@ def test_a_stack_full_of_restorer_addresses_costs_bounded_work() -> None:
         frames.examine_frame_64 = real
     assert examined == 0 and found.frames == ()
     assert len(found.unreadable) == 1 and "restorer-address candidates" in found.unreadable[0].error.reason
+
+
+def test_an_fxsave_frame_at_the_very_top_of_a_sigaltstack_is_found() -> None:
+    """A kernel on a CPU without XSAVE writes a 512-byte FXSAVE image and no magic2; at the top of a
+    sigaltstack the image ends where the mapping ends (QEMU Nehalem, Linux 6.1: the bytes after it are
+    unmapped, so nothing past the 512 bytes may be read)."""
+    mem = _memory()
+    alt_lo, alt_size = 0x6000_0000, 0x4000
+    mem.add(alt_lo, alt_size)
+    frame, fpstate = place_frame(
+        mem, STACK_HI - 0x800, xstate_size=512, xfeatures=0, xstate_bv=0, on_altstack_top=alt_lo + alt_size
+    )
+    assert fpstate + 512 == alt_lo + alt_size
+    thread = ThreadStacks(tid=7, sp=frame - 0x100, altstack=(alt_lo, alt_size))
+    sas = [Sigaction(10, 0x401100, SA_SIGINFO | SA_RESTORER | SA_ONSTACK, RESTORER)]
+    (live,) = find_frames(thread, mem, sas).live
+    assert live.fxsave_only and live.xstate_bv == 0x3 and live.end == fpstate + 512
+    assert live.sw is not None and (live.sw.xstate_size, live.sw.extended_size) == (512, 516)
+
+
+def test_an_fxsave_size_with_features_beyond_sse_is_not_a_frame() -> None:
+    mem = _memory()
+    frame, _ = place_frame(mem, STACK_HI - 0x1000, xstate_size=512, xfeatures=0, xstate_bv=0)
+    mem.write(frame + 456 + 464 + 8, struct.pack("<Q", 0x7))  # sw bytes' xfeatures claims AVX
+    found = find_frames(ThreadStacks(tid=7, sp=frame - 0x200), mem, SIGACTIONS)
+    assert found.live == []

@@ -18,10 +18,7 @@ CI_IDS = [c.id for c in matrix.ci_cells()]
 
 # Cells that fail today for a product bug recorded in docs/matrix.md: expected to fail, and the test
 # fails once they pass, so that this list is emptied when criu_xstate is fixed.
-KNOWN_BUGS = {
-    "fx-to-max-6.1-single": "an FXSAVE-only frame (xstate_size 512, no XSAVE header) is 'not a frame' "
-    "to criu-xstate, so the plan is compatible for a pkeys destination, where sigreturn leaves PKRU 0",
-}
+KNOWN_BUGS: dict[str, str] = {}  # cell id -> why it is expected to fail (none now)
 
 # Every translate code and every refusal a TCG source/destination pair can reach (COMPONENT_OFFSET_MOVED
 # needs AVX-512 or PKRU at AMD's offsets on one side, which only a KVM -cpu host guest has).

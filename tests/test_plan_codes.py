@@ -134,6 +134,7 @@ PKEYS_USED = frame(0x207, 2440, 0x207, {**YMM, **PKRU_KEYS})
 AMX = {17: b"\x01" + bytes(63), **PKRU_DEFAULT}
 AMD_MXCSR = frame(0x7, 832, 0x7, YMM, mxcsr=0x1F80 | 1 << 17)
 MSG = "MAGIC2_AT_DEST_USER_SIZE"
+FXSAVE_FRAME = frame(0x0, 512, 0x0, {})  # from a CPU without XSAVE
 
 Case = tuple[Callable[[], object], object]
 # code: (positive case, the exact findings), (negative case, the exact findings)
@@ -252,6 +253,11 @@ CASES: dict[str, tuple[Case, Case]] = {
             ["DEST_WITHOUT_XSAVE"],
         ),
         (lambda: frame_codes(dict(xfeatures=0x7, xstate_size=832, xstate_bv=0x7, data=YMM), SMALL), []),
+    ),
+    "FXSAVE_FRAME": (
+        (lambda: frame_codes(FXSAVE_FRAME, SMALL), ["FXSAVE_FRAME"]),
+        # with protection keys the FXSAVE image becomes an XSAVE one carrying the default PKRU
+        (lambda: frame_codes(FXSAVE_FRAME, ZEN3), ["PKRU_MISSING_OPENS_KEYS", "XSAVE_IMAGE_RELOCATED"]),
     ),
     "COMPAT_THREAD": (
         (lambda: thread_codes(SMALL, xstate_bv=0x7, compat=True), ["COMPAT_THREAD"]),
@@ -375,3 +381,12 @@ def test_readme_reason_codes_are_the_rule_tables() -> None:
 
 def test_every_code_has_its_cases() -> None:
     assert sorted(CASES) == sorted(c for c, _ in rule_rows())
+
+
+def test_a_thread_from_a_cpu_without_xsave_gets_the_default_pkru_too() -> None:
+    """core-<tid>.img from a CPU without XSAVE has FPU registers and no xsave: CRIU restores x87/SSE
+    alone, so on a host with pkeys the thread runs with PKRU 0. No FPU registers at all: nothing."""
+    assert thread_codes(ZEN3, xstate_bv=None) == ["THREAD_PKRU_MISSING_OPENS_KEYS"]
+    no_fpu = thread(None)
+    no_fpu = replace(no_fpu, xsave=replace(no_fpu.xsave, fpregs=False))
+    assert [x.code for x in plan_thread_state(no_fpu, ZEN3)] == []

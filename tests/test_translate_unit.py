@@ -134,3 +134,27 @@ def test_every_translation_is_accepted_in_full_and_lossless(
     assert kernel_sigreturn(img, dest) == "full"
     for n in used:
         assert component(img, dict(dest.offsets), n) == data[n]
+
+
+def test_an_fxsave_frame_becomes_an_xsave_image_with_the_default_pkru_on_a_pkeys_host() -> None:
+    """A frame from a CPU without XSAVE (512-byte FXSAVE image, no magic2) is restored FX-only by every
+    XSAVE kernel: on a host with protection keys that leaves PKRU 0. Translated, it is a full XSAVE image
+    keeping x87/SSE (xstate_bv bits 0 and 1: else XRSTOR would reset XMM) and carrying the default."""
+    for dest in (ZEN3, TCG_MAX_618_BUGGY):
+        f = built_frame(0x0, 512, 0x0)
+        assert f.fxsave_only and len(f.image) == 512
+        assert kernel_sigreturn(f.image + bytes(dest.user_size), dest) == "fx-only"
+        d = plan_frame(f, dest)
+        assert d.action is FrameAction.RELOCATE, d.findings
+        img = normalized_image(d, dest)
+        assert kernel_sigreturn(img, dest) == "full"
+        bv = struct.unpack_from("<Q", img, XSAVE_HEADER_OFFSET)[0]
+        assert bv == 0x3 | 1 << PKRU
+        assert img[:SW_BYTES_OFFSET] == f.image[:SW_BYTES_OFFSET]
+        assert struct.unpack_from("<I", img, dest.offsets[PKRU][0])[0] == INIT_PKRU
+
+
+def test_an_fxsave_frame_is_kept_where_there_are_no_protection_keys() -> None:
+    d = plan_frame(built_frame(0x0, 512, 0x0), SMALL)
+    assert d.action is FrameAction.KEEP
+    assert [x.code for x in d.findings] == ["FXSAVE_FRAME"]

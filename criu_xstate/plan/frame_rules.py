@@ -85,6 +85,17 @@ def _dest_without_xsave(f: FrameFacts, _: None) -> Hit | None:
     )
 
 
+def _fxsave_frame(f: FrameFacts, _: None) -> Hit | None:
+    """Every XSAVE kernel restores an FXSAVE image FX-only (check_xstate_in_sigframe(): xstate_size
+    below 576), which is all it holds; only a destination with pkeys loses something (PKRU 0)."""
+    if not f.frame.fxsave_only or f.dest_has_pkru:
+        return None
+    return Hit(
+        f"FXSAVE image (the source has no XSAVE): {f.dest.name}'s kernel restores x87 and SSE from it, which "
+        "is all it holds, and starts every other component in its init state"
+    )
+
+
 GATES: tuple[FrameRule, ...] = (
     Rule("FRAME_NO_FPU_CONTEXT", Severity.INFO, _no_fpu_context, stop=True),
     Rule("FRAME_COMPACTED_FORMAT", Severity.REFUSE, _compacted, "restore on the source host", stop=True),
@@ -96,6 +107,7 @@ GATES: tuple[FrameRule, ...] = (
         stop=True,
     ),
     Rule("DEST_WITHOUT_XSAVE", Severity.INFO, _dest_without_xsave, "restore on a host with XSAVE", stop=True),
+    Rule("FXSAVE_FRAME", Severity.INFO, _fxsave_frame, stop=True),
 )
 
 
@@ -320,7 +332,7 @@ def _size_exceeds(f: FrameFacts, _: Target) -> Hit | None:
 
 def _magic2_at_user_size(f: FrameFacts, _: Target) -> Hit | None:
     size, limit = _xstate_size(f), f.dest.user_size
-    if f.dest.sigreturn != "user-size" or size == limit:
+    if f.dest.sigreturn != "user-size" or size == limit or f.frame.fxsave_only:  # no magic2 is looked for
         return None
     return Hit(
         f"{f.dest.name}'s kernel looks for magic2 at fpstate + {limit} (6.15 .. 7.1-rc5 rule) but the "

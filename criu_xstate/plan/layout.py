@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from criu_xstate.x86.xfeatures import AMD_OFFSETS, APX, BNDREGS, INTEL_OFFSETS, LEGACY, XTILEDATA, bits
-from criu_xstate.x86.xsave import layout_end
+from criu_xstate.x86.xsave import LEGACY_AREA_SIZE, layout_end
 
 _layout_end = layout_end  # unknown components make the end unknown (None)
 
@@ -29,6 +29,8 @@ def infer_source_offsets(
     task had no tile data (default user size). ``hint`` (a ``--src`` profile) wins when it fits.
     """
     mask = xfeatures & ~LEGACY
+    if mask == 0 and xstate_size == LEGACY_AREA_SIZE:
+        return {}  # an FXSAVE image (a CPU without XSAVE): the legacy area alone
     if mask >> APX & 1 and mask >> BNDREGS & 1:
         return None  # APX and MPX share 960: no real CPU enumerates both
     candidates: list[Mapping[int, tuple[int, int]]] = []

@@ -31,7 +31,7 @@ def in_place_capacity(frame: SignalFrame) -> int:
     the kernel left is between the end of the image and that limit, at most 63 bytes.
     """
     assert frame.sw is not None and frame.xsave_address is not None
-    used = image_bytes(frame.sw.xstate_size)
+    used = frame.sw.frame_bytes
     limit = frame.interrupted_sp - RED_ZONE
     pad = limit - (frame.xsave_address + used)
     if 0 <= pad < MAX_PADDING:

@@ -46,8 +46,9 @@ def pkru_missing(t: ThreadFacts) -> bool:
     """The destination has protection keys but core-<tid>.img has no PKRU at all (its source had none):
     CRIU restores the thread through rt_sigreturn from a frame without the component, which leaves
     PKRU 0, every key open (measured: tests/test_qemu_pkru.py), where a task started there gets the
-    Linux default."""
-    return t.state.xstate_bv is not None and t.state.pkru is None and bool(t.dest.xcr0 >> PKRU & 1)
+    Linux default. A thread from a CPU without XSAVE (FPU registers, no xsave) is restored through the
+    same path with x87/SSE alone, so it is in this case too."""
+    return t.state.xsave.fpregs and t.state.pkru is None and bool(t.dest.xcr0 >> PKRU & 1)
 
 
 def core_pkru(t: ThreadFacts) -> int | None:

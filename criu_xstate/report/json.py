@@ -174,6 +174,7 @@ def frame_json(f: SignalFrame) -> dict[str, object]:
             "xstate_size": f.sw.xstate_size,
             "extended_size": f.sw.extended_size,
         }
+        out["format"] = "fxsave" if f.fxsave_only else "xsave"
         out["xstate_bv"] = hex(f.xstate_bv or 0)
         out["xcomp_bv"] = hex(f.xcomp_bv or 0)
         out["mxcsr"] = hex(f.mxcsr or 0)

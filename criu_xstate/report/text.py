@@ -173,11 +173,12 @@ def _show_frame(f: SignalFrame) -> list[str]:
     if f.liveness is not Liveness.LIVE:
         return [f"    {f.liveness.value} frame at 0x{f.address:x} on {f.stack.value} (not live)"]
     sw = f.sw
-    desc = (
-        f"xfeatures 0x{sw.xfeatures:x} xstate_size {sw.xstate_size} xstate_bv 0x{f.xstate_bv or 0:x}"
-        if sw
-        else "no FPU context"
-    )
+    if sw is None:
+        desc = "no FPU context"
+    elif f.fxsave_only:
+        desc = "FXSAVE image (512 B: x87 and SSE, no XSAVE on the source)"
+    else:
+        desc = f"xfeatures 0x{sw.xfeatures:x} xstate_size {sw.xstate_size} xstate_bv 0x{f.xstate_bv or 0:x}"
     sig = f"signal {f.signo}" if f.signo else "signal ?"
     return [
         f"    live frame #{f.depth} 0x{f.address:x} on {f.stack.value}, {sig}: {desc}",

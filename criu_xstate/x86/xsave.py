@@ -3,7 +3,9 @@
 A frame's image is the 512-byte legacy FXSAVE area (MXCSR at +24, ``struct _fpx_sw_bytes`` in its
 software-reserved tail at +464), the 64-byte XSAVE header at +512 (``xstate_bv``, ``xcomp_bv``, reserved
 bytes), the components at their standard offsets, and ``FP_XSTATE_MAGIC2`` right after ``xstate_size``
-bytes. This module names each of those numbers, reads an image (:class:`XsaveImage`), builds one
+bytes. A kernel on a CPU without XSAVE writes an FXSAVE image instead: the legacy area alone, its sw
+bytes saying ``xstate_size`` 512 and no features, and no magic2 (:attr:`SwBytes.fxsave_only`). This
+module names each of those numbers, reads an image (:class:`XsaveImage`), builds one
 (:func:`build_image`: ``extended_size``, ``xcomp_bv`` and magic2 derived) and says where a layout ends
 for a feature mask (:func:`layout_end`). Frames, plan, translate and the tests' frame builder use it.
 """
@@ -15,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from criu_xstate.x86.layout import Field, Struct
+from criu_xstate.x86.xfeatures import LEGACY
 
 LEGACY_AREA_SIZE = 512  # FXSAVE: x87, MXCSR, XMM registers, reserved and software-available bytes
 MXCSR_OFFSET = 24
@@ -92,10 +95,23 @@ class SwBytes:
     def parse(cls, image: bytes) -> SwBytes:
         return cls(**SW_BYTES.parse(image, SW_BYTES_OFFSET))
 
+    @property
+    def fxsave_only(self) -> bool:
+        """An FXSAVE image, as a kernel on a CPU without XSAVE writes it (save_sw_bytes() with the
+        task's user size 512 and user features 0; save_xstate_epilog() puts no magic2 after it)."""
+        return self.xstate_size == LEGACY_AREA_SIZE and not self.xfeatures & ~LEGACY
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes the image occupies in its frame: the image, and magic2 after an XSAVE image."""
+        return self.xstate_size if self.fxsave_only else image_bytes(self.xstate_size)
+
     def problem(self) -> str | None:
         """Why these sw bytes cannot describe a kernel-written image, or None."""
         if self.magic1 != FP_XSTATE_MAGIC1:
             return f"magic1 is 0x{self.magic1:08x}, not 0x{FP_XSTATE_MAGIC1:08x}"
+        if self.fxsave_only:
+            return None if self.extended_size >= self.xstate_size else "FXSAVE image with extended_size < 512"
         if not MIN_XSTATE_SIZE <= self.xstate_size <= MAX_XSTATE_SIZE:
             return f"xstate_size {self.xstate_size} outside {MIN_XSTATE_SIZE}..{MAX_XSTATE_SIZE}"
         if self.xstate_size > self.extended_size:
