@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests import qemu_guest
+from tests import qemu_guest, realcriu
 from tests.qemu_guest import SHARED, run_guest
 from tests.realcriu import CACHE, REPO, WORKLOADS
 
@@ -43,6 +43,7 @@ ORACLE = f"{SHARED}/bin/oracle"
 VARIANTS = ("single", "threads", "nested", "altstack", "stale", "pkeys", "nohandler")
 KERNELS = {"6.1": "frame-size", "6.16": "user-size"}
 INIT_PKRU = 0x55555554
+HOST = "host"  # this machine itself: its dumps and restores run here, with its own kernel
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ CPUS = {
         Cpu("sse", "Denverton-v2", "tcg", "Denverton (Goldmont): XSAVE without AVX"),
         Cpu("fx", "Nehalem", "tcg", "Nehalem: no XSAVE, FXSAVE frames"),
         Cpu("kvm", "host,-arch-capabilities", "kvm", "this machine's CPU under KVM (vendor layout)"),
+        Cpu(HOST, "-", "none", "this machine itself, no QEMU: its CPU, vendor layout and kernel"),
     )
 }
 
@@ -79,9 +81,11 @@ PAIRS = {  # destination: source for every variant but pkeys
     "sse": "avx",
     "fx": "sse",
     "kvm": "max",
+    HOST: "max",  # Intel's layout (MPX hole, PKRU at 2688) into this CPU's vendor layout, for real
 }
 PKEYS_SOURCE = {"max": "max-nompx"}  # default: max
-EXTRA = [("fx", "max"), ("kvm", "avx")]  # (source, destination): FXSAVE frames into pkeys; host as source
+# (source, destination): FXSAVE frames into pkeys; the host's CPU as a source (KVM, and this machine)
+EXTRA = [("fx", "max"), ("kvm", "avx"), (HOST, "max-nompx")]
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,11 @@ CI = [
     ("fx", "max", "6.1", "altstack"),
     # THREAD_PKRU_MISSING_OPENS_KEYS: idle threads from a CPU without pkeys get the default PKRU
     ("max-nopku", "max-nompx", "6.16", "stale"),
+    # this machine itself, as destination (Intel's layout into its vendor's: on AMD with pkeys, PKRU
+    # moves from 2688 to 2432, COMPONENT_OFFSET_MOVED) and as source (its vector width and layout)
+    ("max", HOST, "6.16", "single"),
+    ("max", HOST, "6.1", "pkeys"),
+    (HOST, "max-nompx", "6.1", "threads"),
 ]
 
 
@@ -162,24 +171,44 @@ def build_binaries(bindir: Path) -> dict[str, Path]:
     return out
 
 
-def pid_base(cpu: str, kernel: str, variant: str) -> int:
-    """A pid range per source dump, unique in the whole matrix: a destination restores many dumps."""
-    index = (list(CPUS).index(cpu) * len(KERNELS) + list(KERNELS).index(kernel)) * len(VARIANTS)
-    return 20000 + 400 * (index + VARIANTS.index(variant))
+GUEST_PIDS = 40000  # above a host's usual pid_max (32768): a dump only guests restore meets no host pid
+HOST_SPACING = 28  # pids per dump in a window of this machine's (PID_WINDOW holds 2 kernels x 7 variants)
+
+
+def pid_base(cpu: str, kernel: str, variant: str, host_windows: dict[str, int]) -> int:
+    """A pid range per source dump, unique in the whole matrix: a destination restores many dumps. A
+    source whose dumps this machine restores, or this machine itself, gets a window of pids free here
+    (qemu_guest.free_pid_window: below the last pid, which the host moves away from until it wraps)."""
+    k = list(KERNELS).index(kernel) if kernel in KERNELS else 0
+    if cpu in host_windows:
+        return host_windows[cpu] + HOST_SPACING * (k * len(VARIANTS) + VARIANTS.index(variant))
+    index = (list(CPUS).index(cpu) * len(KERNELS) + k) * len(VARIANTS)
+    return GUEST_PIDS + 400 * (index + VARIANTS.index(variant))
+
+
+def host_pid_windows(cpus: list[str]) -> dict[str, int]:
+    """One free window of this machine's pids per CPU in ``cpus``, none overlapping."""
+    out: dict[str, int] = {}
+    held: list[int] = []
+    for cpu in cpus:
+        base = qemu_guest.free_pid_window(avoid=held)
+        held.append(base)
+        out[cpu] = base
+    return out
 
 
 def workdir_of(variant: str) -> str:
     return f"{SHARED}/m/{variant}"
 
 
-def source_scenario(cpu: str, kernel: str, variants: list[str]) -> str:
+def source_scenario(variants: list[str], pids: dict[str, int]) -> str:
     lines = ["/bin/probe-dump > /out/probe.txt 2>&1", "grep -m1 'model name' /proc/cpuinfo > /out/cpu.txt"]
     for v in variants:
         w = workdir_of(v)
         lines.append(f"""
 W={w}; O=/out/src/{v}
 mkdir -p $W $O/images && chown 1000:1000 $W
-echo {pid_base(cpu, kernel, v)} > /proc/sys/kernel/ns_last_pid
+echo {pids[v]} > /proc/sys/kernel/ns_last_pid
 su -s /bin/sh user -c "cd / && setsid {ORACLE} $W 11 {v} </dev/null >/dev/null 2>&1 &"
 sleep 0.2
 for i in $(seq 1 300); do [ -e $W/ready ] && break; pidof oracle >/dev/null || break; sleep 0.1; done
@@ -219,9 +248,44 @@ echo "restored {name}: $(cat $O/restore-exit)"
     return "\n".join(lines)
 
 
+def run_here(scenario: str, files: dict[str, Path], where: Path, timeout: float) -> qemu_guest.GuestResult:
+    """A guest's scenario run on this machine itself: the same shell script, the guest's fixed paths
+    (/out, /in, /bin, /criu) mapped to this machine's, the workload run as root (a sandbox's root may
+    lack CAP_SYS_RESOURCE, and CRIU's prlimit on another user's task then fails: "Can't get rlimit").
+    Files at absolute paths (the oracle under SHARED) are put at those paths: a restored process maps
+    its executable by path."""
+    root, out = where / "root", where / "out"
+    shutil.rmtree(where, ignore_errors=True)
+    out.mkdir(parents=True)
+    for dest, src in files.items():
+        target = Path(dest) if dest.startswith("/") else root / dest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, target, symlinks=True)
+        else:
+            shutil.copy2(src, target)
+    here = (
+        scenario.replace("/criu/criu", str(realcriu.criu_path()))
+        .replace("/bin/probe-dump", str(root / "bin" / "probe-dump"))
+        .replace("/out/", f"{out}/")
+        .replace(" /in/", f" {root}/in/")
+        .replace('su -s /bin/sh user -c "', 'sh -c "')  # as root: CRIU here may lack CAP_SYS_RESOURCE
+    )
+    start = time.monotonic()
+    with (out / "scenario.log").open("w") as log:
+        subprocess.run(
+            ["bash", "-c", here], stdout=log, stderr=subprocess.STDOUT, timeout=timeout, check=False
+        )
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    (out / "dmesg.txt").write_text(dmesg)
+    return qemu_guest.GuestResult(out, "", time.monotonic() - start)
+
+
 def boot(
     cpu: Cpu, kernel: str, scenario: str, files: dict[str, Path], where: Path, timeout: float
 ) -> qemu_guest.GuestResult:
+    if cpu.name == HOST:
+        return run_here(scenario, files, where, timeout)
     return run_guest(
         scenario,
         files,
@@ -447,6 +511,15 @@ def judge(cell: dict[str, Any]) -> tuple[str, str]:
 # ---------------------------------------------------------------- the run
 
 
+def kernel_of(cpu: str, kernel: str) -> str:
+    """The kernel a CPU runs in a cell: a guest's is the cell's, this machine's its own."""
+    return "here" if cpu == HOST else kernel
+
+
+def guest_key(cpu: str, kernel: str) -> str:
+    return f"{cpu}@{kernel_of(cpu, kernel)}"
+
+
 @dataclass
 class Run:
     cells: list[Cell]
@@ -456,6 +529,7 @@ class Run:
     results: list[dict[str, Any]] = field(default_factory=list)
     skipped_cpus: dict[str, str] = field(default_factory=dict)
     boots: list[dict[str, Any]] = field(default_factory=list)
+    host_windows: dict[str, int] = field(default_factory=dict)
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -470,23 +544,28 @@ class Run:
             if why:
                 self.skipped_cpus["kvm"] = why
                 self.log(f"KVM cells not runnable: {why}")
-        # phase 1: sources and profiles
+        here_restores = {c.src for c in self.cells if c.dst == HOST}
+        here_dumps = {HOST} if any(c.src == HOST for c in self.cells) else set()
+        self.host_windows = host_pid_windows(sorted(here_restores | here_dumps))
+        # phase 1: sources and profiles (this machine once, whatever the guests' kernel)
         configs: dict[tuple[str, str], list[str]] = {}
         for c in self.cells:
             if "kvm" in self.skipped_cpus and "kvm" in (c.src, c.dst):
                 continue
-            configs.setdefault((c.src, c.kernel), [])
-            if c.variant not in configs[(c.src, c.kernel)]:
-                configs[(c.src, c.kernel)].append(c.variant)
-            configs.setdefault((c.dst, c.kernel), [])
+            src = (c.src, kernel_of(c.src, c.kernel))
+            configs.setdefault(src, [])
+            if c.variant not in configs[src]:
+                configs[src].append(c.variant)
+            configs.setdefault((c.dst, kernel_of(c.dst, c.kernel)), [])
         for (cpu, kernel), variants in sorted(configs.items()):
             key = f"{cpu}@{kernel}"
             where = self.work / "src" / key
             self.log(f"source {key}: dump {variants or 'nothing (profile only)'}")
+            pids = {v: pid_base(cpu, kernel, v, self.host_windows) for v in variants}
             g = boot(
                 CPUS[cpu],
                 kernel,
-                source_scenario(cpu, kernel, variants),
+                source_scenario(variants, pids),
                 files,
                 where,
                 120 + 60 * len(variants),
@@ -516,7 +595,7 @@ class Run:
             if c.src in self.skipped_cpus or c.dst in self.skipped_cpus:
                 cell["skipped"] = self.skipped_cpus.get(c.src) or self.skipped_cpus[c.dst]
                 continue
-            sg, dg = self.guests[f"{c.src}@{c.kernel}"], self.guests[f"{c.dst}@{c.kernel}"]
+            sg, dg = self.guests[guest_key(c.src, c.kernel)], self.guests[guest_key(c.dst, c.kernel)]
             srcdir = Path(sg["out"]) / "src" / c.variant
             oracle_start = _start_event(srcdir)
             cell["source_oracle"] = oracle_start
@@ -675,6 +754,12 @@ def _start_event(srcdir: Path) -> dict[str, Any]:
     return {}
 
 
+def host_profile_brief() -> dict[str, Any]:
+    """This machine's profile, in brief (``probe``)."""
+    rc, js, _ = cli("probe", "--json", "--name", HOST)
+    return _profile_brief(json.loads(js)) if rc == 0 else {}
+
+
 def _profile_brief(p: dict[str, Any]) -> dict[str, Any]:
     xs = p.get("xsave", {})
     k = p.get("kernel", {})
@@ -717,6 +802,11 @@ state, so that the pairs together take the distinct paths of the product and of 
 - `fx -> max`: FXSAVE-only frames (no XSAVE header) into a pkeys CPU: what sigreturn does with PKRU.
 - `max -> kvm`, `kvm -> avx`: Intel layout into the host vendor's layout, AVX-512: only where a KVM
   guest boots.
+- `max -> host`, `host -> max-nompx`: this machine itself, no QEMU (its own kernel for the restore or
+  the dump, whatever the cell's guest kernel): Intel's layout (MPX hole, PKRU at 2688) into this CPU's
+  vendor layout and back. What these cells show depends on the CPU the matrix runs on (AMD with pkeys:
+  PKRU moves to 2432, COMPONENT_OFFSET_MOVED; AVX-512 in use on the source: refusal); the judge takes
+  its expectation from the profiles probed, never from a fixed CPU.
 
 The `pkeys` variant needs a source with protection keys: `max` (for `max` as destination, `max-nompx`,
 so the source still differs). Variants: `single` (one SA_SIGINFO handler), `threads` (three threads,
@@ -765,8 +855,8 @@ def render_md(rep: dict[str, Any], notes: str = "") -> str:
         "",
         "Generated by `python -m tests.matrix` (tests/matrix.py; how to run it: docs/qemu-guests.md).",
         "Each cell: a checkpoint of the oracle workload (tests/workloads/oracle.c) taken by CRIU in a QEMU",
-        "guest (source CPU model, kernel), planned and applied on the host for the destination's profile",
-        "(probe-dump in the destination guest, `probe --from-dump`), and restored in the destination guest",
+        "guest (source CPU model, kernel) or on this machine (`host`), planned and applied here for the",
+        "destination's profile (probe-dump there, `probe --from-dump`), and restored at the destination",
         "twice: the unmodified dump (control) and the `apply --out` copy. After every rt_sigreturn and in",
         "every thread, the oracle checks each register the CPU has: XMM, YMM both halves, ZMM and opmask",
         "(AVX-512), MXCSR, x87 control word and st(0), PKRU (RDPKRU).",

@@ -21,6 +21,7 @@ import stat
 import subprocess
 import tarfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -321,15 +322,18 @@ def run_guest(
 PID_WINDOW = 400
 
 
-def free_pid_window() -> int:
+def free_pid_window(avoid: Sequence[int] = ()) -> int:
     """A pid from which PID_WINDOW pids are free here and will stay free, so that a guest task created
     there can be restored on this host: just below the host's last pid (the host allocates upwards
-    and comes back only after wrapping at its pid_max, often 32768), else just below pid_max."""
+    and comes back only after wrapping at its pid_max, often 32768), else just below pid_max. Windows
+    starting at ``avoid`` (handed out already) are skipped."""
     last = int(Path("/proc/sys/kernel/ns_last_pid").read_text())
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     below = range(last - PID_WINDOW - 100, 300, -PID_WINDOW)
     ahead = range(pid_max - PID_WINDOW - 1, last + 5000, -PID_WINDOW)
     for base in (*below, *ahead):
+        if any(abs(base - a) < PID_WINDOW for a in avoid):
+            continue
         if not any(Path(f"/proc/{p}").exists() for p in range(base, base + PID_WINDOW)):
             return int(base)
     raise RuntimeError("no free window of pids on this host for guest workloads")
