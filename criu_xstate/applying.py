@@ -79,8 +79,21 @@ def apply_in_place(
             from criu_xstate.changeset import build_changeset
 
             cs = build_changeset(model, plan, dest)
+        _refuse_parent_pages(cs, "in place")
         written = tx.apply(cs.changes, description, verify=lambda: verify_compatible(images, dest, opts))
         return Outcome(plan, cs, written)
+
+
+def _refuse_parent_pages(cs: ChangeSet, how: str) -> None:
+    """A page the checkpoint takes from its parent images can be rewritten only in an incremental copy:
+    the parent may be the base of other checkpoints, and this directory holds no bytes of that page."""
+    if cs.parent_pages:
+        p = cs.parent_pages[0]
+        raise ApplyError(
+            f"{p.pagemap}: the page at 0x{p.vaddr:x} that must change is in the parent images "
+            f"({len(cs.parent_pages)} such page(s)); it cannot be rewritten {how}: use "
+            "`criu-xstate apply CHECKPOINT --out NEW` (an incremental copy over this checkpoint)"
+        )
 
 
 def _check_out(out: Path, archive: bool) -> None:
@@ -118,9 +131,11 @@ def apply_to_copy(src: Path, out: Path, dest: HostFacts, opts: Options, *, self_
         changes = cs.changes if cs is not None else []
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.criu-xstate-tmp-", dir=out.parent))
         try:
-            if changes and not archive and not self_contained:
-                written = write_overlay(ck.dir, staging, changes)
+            if cs is not None and (changes or cs.parent_pages) and not archive and not self_contained:
+                written = write_overlay(ck.dir, staging, changes, _by_pagemap(cs))
             else:
+                if cs is not None:
+                    _refuse_parent_pages(cs, "as an archive" if archive else "into a self-contained copy")
                 _copy_images(ck.dir, staging, changes)
                 with transaction(staging) as tx:
                     written = tx.apply(changes, "criu-xstate apply --out")
@@ -137,6 +152,13 @@ def apply_to_copy(src: Path, out: Path, dest: HostFacts, opts: Options, *, self_
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return Outcome(plan, cs, written)
+
+
+def _by_pagemap(cs: ChangeSet) -> dict[str, dict[int, bytes]]:
+    out: dict[str, dict[int, bytes]] = {}
+    for p in cs.parent_pages:
+        out.setdefault(p.pagemap, {})[p.vaddr] = p.new
+    return out
 
 
 def _copy_images(src: Path, out: Path, changes: list[Change]) -> None:

@@ -8,6 +8,12 @@ it moves to a new anonymous private mapping that the restored process will have:
 ``mm-<pid>.img``, a ``PE_PRESENT`` run appended to ``pagemap-<pid>.img`` and its pages appended to
 ``pages-<id>.img``, placed above every existing mapping so that both lists stay in address order and
 the pages file only grows at its end. The frame's ``fpstate`` pointer is rewritten to the new image.
+
+A page this checkpoint takes from its parent (``PE_PARENT``: an incremental dump after ``criu pre-dump``,
+where a handler's untouched stack usually is) has no bytes in this directory to edit. Its new content
+is a :class:`ParentPage`, which only an incremental copy can hold (``apply --out``: the page becomes
+``PE_PRESENT`` in the overlay, overlay.py); rewriting the images in place refuses it, since the parent
+may be the base of other checkpoints.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from criu_xstate.errors import ApplyError, MemoryUnreadable
 from criu_xstate.images.addrspace import PAGE, VMA_ANON_PRIVATE, VMA_AREA_REGULAR
 from criu_xstate.images.framing import CORE, MM, encode_image
-from criu_xstate.images.pagemap import append_run
+from criu_xstate.images.pagemap import PE_PARENT, append_run
 from criu_xstate.images.pb import core_pb2, mm_pb2
 from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
 from criu_xstate.plan import FrameAction, HostFacts, Plan
@@ -35,6 +41,15 @@ GUARD = PAGE
 
 
 @dataclass(frozen=True)
+class ParentPage:
+    """The whole new content of the page at ``vaddr``, which ``pagemap`` takes from the parent images."""
+
+    pagemap: str
+    vaddr: int
+    new: bytes
+
+
+@dataclass(frozen=True)
 class ChangeSet:
     changes: list[Change]
     frames_rewritten: int
@@ -42,6 +57,7 @@ class ChangeSet:
     relocation_vmas: list[tuple[int, int, int]]  # (pid, start, end)
     cores_rewritten: int = 0
     glibc_sizes_rewritten: int = 0
+    parent_pages: tuple[ParentPage, ...] = ()
 
 
 def _core_change(proc: Process, tid: int, drop: int, pkru: int | None) -> FileWrite | None:
@@ -68,18 +84,34 @@ def _core_change(proc: Process, tid: int, drop: int, pkru: int | None) -> FileWr
     )
 
 
-def _byte_edits(proc: Process, patch: MemoryPatch) -> list[ByteEdit]:
+def _byte_edits(
+    proc: Process, patch: MemoryPatch, parents: dict[tuple[int, int], bytearray]
+) -> list[ByteEdit]:
+    """Edits of this directory's pages file; the parts of ``patch`` on pages the parent holds go into
+    ``parents`` ((pid, page) -> the page's new bytes, read through the chain first)."""
     space = proc.address_space
+    edits: list[ByteEdit] = []
+    pos, end = patch.vaddr, patch.vaddr + len(patch.new)
     try:
-        spans = space.locate(patch.vaddr, len(patch.new))
-        old = space.read(patch.vaddr, len(patch.new))
+        while pos < end:
+            page = pos // PAGE * PAGE
+            n = min(end, page + PAGE) - pos
+            data = patch.new[pos - patch.vaddr : pos - patch.vaddr + n]
+            run = space.run_at(pos)
+            if run is not None and run.file_offset is None and run.flags & PE_PARENT:
+                buf = parents.get((proc.pid, page))
+                if buf is None:
+                    buf = parents[(proc.pid, page)] = bytearray(space.read(page, PAGE))
+                buf[pos - page : pos - page + n] = data
+            else:
+                old = space.read(pos, n)
+                at = 0
+                for path, offset, length in space.locate(pos, n):
+                    edits.append(ByteEdit(path.name, offset, old[at : at + length], data[at : at + length]))
+                    at += length
+            pos += n
     except MemoryUnreadable as exc:
         raise ApplyError(f"pid {proc.pid}: cannot rewrite 0x{patch.vaddr:x}: {exc.reason}") from None
-    edits: list[ByteEdit] = []
-    pos = 0
-    for path, offset, length in spans:
-        edits.append(ByteEdit(path.name, offset, old[pos : pos + length], patch.new[pos : pos + length]))
-        pos += length
     return edits
 
 
@@ -136,7 +168,9 @@ def _pagemap_with(proc: Process, start: int, size: int) -> FileWrite:
     return FileWrite(path.name, old, append_run(old, proc.checkpoint.runs(proc.pid), start, size // PAGE))
 
 
-def _relocate(proc: Process, relocs: list[Relocation]) -> tuple[list[Change], tuple[int, int]]:
+def _relocate(
+    proc: Process, relocs: list[Relocation], parents: dict[tuple[int, int], bytearray]
+) -> tuple[list[Change], tuple[int, int]]:
     """New mapping for the relocated images of one process, and the pointer patches into it."""
     space = proc.address_space
     layout, data = _pack(relocs)
@@ -153,7 +187,7 @@ def _relocate(proc: Process, relocs: list[Relocation]) -> tuple[list[Change], tu
         _mm_with(proc, start, len(data)),
     ]
     for r, off in layout:
-        changes += _byte_edits(proc, pointer_patch(r, start + off))
+        changes += _byte_edits(proc, pointer_patch(r, start + off), parents)
     return changes, (start, start + len(data))
 
 
@@ -162,6 +196,7 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
     changes: list[Change] = []
     relocs: dict[int, list[Relocation]] = defaultdict(list)
     rewritten = sizes = 0
+    parents: dict[tuple[int, int], bytearray] = {}
     for t in plan.threads:
         proc = procs[t.state.pid]
         for d in t.frames:
@@ -169,21 +204,23 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
                 continue
             patches, reloc = frame_patches(proc.pid, d, dest)
             for p in patches:
-                changes += _byte_edits(proc, p)
+                changes += _byte_edits(proc, p, parents)
             if reloc is not None:
                 relocs[proc.pid].append(reloc)
             rewritten += 1
     for pp in plan.processes:  # glibc's cached save-area sizes (plan/glibc_rules.py)
         for vaddr, size in pp.size_patches:
-            changes += _byte_edits(procs[pp.pid], MemoryPatch(pp.pid, vaddr, struct.pack("<Q", size)))
+            changes += _byte_edits(
+                procs[pp.pid], MemoryPatch(pp.pid, vaddr, struct.pack("<Q", size)), parents
+            )
             sizes += 1
     vmas: list[tuple[int, int, int]] = []
     for pid, rs in relocs.items():
-        more, (start, end) = _relocate(procs[pid], rs)
+        more, (start, end) = _relocate(procs[pid], rs, parents)
         changes += more
         vmas.append((pid, start, end))
     # A drop alone changes nothing CRIU would do; it goes in only alongside a real translation.
-    real = bool(changes) or any(t.core_pkru is not None for t in plan.threads)
+    real = bool(changes) or bool(parents) or any(t.core_pkru is not None for t in plan.threads)
     cores = [
         c
         for t in plan.threads
@@ -191,4 +228,7 @@ def build_changeset(model: CheckpointModel, plan: Plan, dest: HostFacts) -> Chan
     ]
     changes += cores
     relocated = sum(len(r) for r in relocs.values())
-    return ChangeSet(changes, rewritten, relocated, vmas, len(cores), sizes)
+    pages = tuple(
+        ParentPage(f"pagemap-{pid}.img", page, bytes(b)) for (pid, page), b in sorted(parents.items())
+    )
+    return ChangeSet(changes, rewritten, relocated, vmas, len(cores), sizes, pages)

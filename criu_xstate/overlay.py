@@ -15,7 +15,7 @@ import bisect
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,8 +130,11 @@ def _dirty_pages(src_pages: Path, edits: list[ByteEdit], app: Append | None) -> 
     return dirty
 
 
-def _overlay_entries(pm: PagemapRuns, dirty: dict[int, bytearray]) -> tuple[list[bytes], bytearray]:
+def _overlay_entries(
+    pm: PagemapRuns, dirty: dict[int, bytearray], parent_dirty: Mapping[int, bytes]
+) -> tuple[list[bytes], bytearray]:
     """The incremental pagemap's entries and its pages: changed pages PE_PRESENT, the rest PE_PARENT.
+    ``parent_dirty`` (page address -> bytes) are changed pages that ``src`` itself takes from its parent.
 
     Only the changed pages are visited, and contiguous entries were merged into runs when the pagemap
     was decoded: a clean stretch between changed pages is one PE_PARENT entry however many MiB-sized
@@ -140,26 +143,46 @@ def _overlay_entries(pm: PagemapRuns, dirty: dict[int, bytearray]) -> tuple[list
     out: list[list[int]] = []  # [vaddr, pages, flags]
     blob = bytearray()
     dirty_offsets = sorted(dirty)
+    parent_vaddrs = sorted(parent_dirty)
     for vaddr, pages, flags, offset in _runs(pm):
-        if offset is None:
+        if offset is not None:  # present here: changed pages stay, the rest come from `src`
+            lo = bisect.bisect_left(dirty_offsets, offset)
+            hi = bisect.bisect_left(dirty_offsets, offset + pages * PAGE)
+            here = [((o - offset) // PAGE, dirty[o]) for o in dirty_offsets[lo:hi]]
+            _split_run(out, blob, vaddr, pages, (PE_PARENT, PE_PRESENT | (flags & PE_LAZY)), here)
+        elif flags & PE_PARENT:  # in src's parent: changed pages become present here
+            lo = bisect.bisect_left(parent_vaddrs, vaddr)
+            hi = bisect.bisect_left(parent_vaddrs, vaddr + pages * PAGE)
+            from_parent = [((v - vaddr) // PAGE, parent_dirty[v]) for v in parent_vaddrs[lo:hi]]
+            _split_run(out, blob, vaddr, pages, (flags, PE_PRESENT), from_parent)
+        else:
             out.append([vaddr, pages, flags])
-            continue
-        lo = bisect.bisect_left(dirty_offsets, offset)
-        hi = bisect.bisect_left(dirty_offsets, offset + pages * PAGE)
-        i = 0
-        for page_off in dirty_offsets[lo:hi]:
-            j = (page_off - offset) // PAGE
-            if j > i:
-                out.append([vaddr + i * PAGE, j - i, PE_PARENT])
-            if j == i and i > 0 and out[-1][2] & PE_PRESENT:
-                out[-1][1] += 1  # the page right after a changed page of this run
-            else:
-                out.append([vaddr + j * PAGE, 1, PE_PRESENT | (flags & PE_LAZY)])
-            blob += dirty[page_off]
-            i = j + 1
-        if i < pages:
-            out.append([vaddr + i * PAGE, pages - i, PE_PARENT])
     return [_entry(v, n, f, pm.modern) for v, n, f in out], blob
+
+
+def _split_run(
+    out: list[list[int]],
+    blob: bytearray,
+    vaddr: int,
+    pages: int,
+    flags: tuple[int, int],
+    changed: Sequence[tuple[int, bytes | bytearray]],
+) -> None:
+    """One run of ``pages`` at ``vaddr`` as overlay entries: the pages at the (ascending) indexes of
+    ``changed`` with the second flags and their bytes appended to ``blob``, the others with the first."""
+    clean, present = flags
+    i = 0
+    for j, data in changed:
+        if j > i:
+            out.append([vaddr + i * PAGE, j - i, clean])
+        if j == i and i > 0 and out[-1][2] & PE_PRESENT:
+            out[-1][1] += 1  # the page right after a changed page of this run
+        else:
+            out.append([vaddr + j * PAGE, 1, present])
+        blob += data
+        i = j + 1
+    if i < pages:
+        out.append([vaddr + i * PAGE, pages - i, clean])
 
 
 def _pagemap_after(src: Path, pm_name: str, writes: dict[str, FileWrite]) -> PagemapRuns:
@@ -170,8 +193,11 @@ def _pagemap_after(src: Path, pm_name: str, writes: dict[str, FileWrite]) -> Pag
     return runs_of(writes.pop(pm_name).new, str(src / pm_name))  # append_run remembered it
 
 
-def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
+def write_overlay(
+    src: Path, out: Path, changes: list[Change], parent_pages: Mapping[str, Mapping[int, bytes]] = {}
+) -> int:
     """Write the translated checkpoint into ``out`` as an incremental image over ``src``.
+    ``parent_pages``: pagemap name -> page address -> new bytes of pages ``src`` takes from its parent.
 
     Returns the number of page bytes written. ``out`` must not exist or be empty.
     """
@@ -181,13 +207,16 @@ def write_overlay(src: Path, out: Path, changes: list[Change]) -> int:
         raise ApplyError(f"{src}/parent: dangling parent link")
     split = _Split.of(changes)
     owners = _owners(src, split.touched_pages)
+    for pm_name in parent_pages:
+        owners.setdefault(f"pages-{read_pages_id(src / pm_name)}.img", pm_name)
     out.mkdir(parents=True, exist_ok=True)
-    _link_unchanged(src, out, {"parent", *split.touched_pages, *owners.values(), *split.writes})
+    _link_unchanged(src, out, {"parent", *owners, *owners.values(), *split.writes})  # owners: pages files
     written = 0
     for pages_name, pm_name in owners.items():
         pm = _pagemap_after(src, pm_name, split.writes)
-        dirty = _dirty_pages(src / pages_name, split.edits.get(pages_name, []), split.appends.get(pages_name))
-        entries, blob = _overlay_entries(pm, dirty)
+        edits, app = split.edits.get(pages_name, []), split.appends.get(pages_name)
+        dirty = _dirty_pages(src / pages_name, edits, app) if edits or app else {}
+        entries, blob = _overlay_entries(pm, dirty, parent_pages.get(pm_name, {}))
         (out / pm_name).write_bytes(encode_image(pm.head, pm.magic, [pm.head_payload, *entries]))
         (out / pages_name).write_bytes(bytes(blob))
         written += len(blob)

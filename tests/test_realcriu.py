@@ -278,56 +278,6 @@ def test_cpuinfo_img_is_a_partial_profile_of_this_host(
         )
 
 
-def test_incremental_dump_frames_are_read_through_the_parent(here: str, tmp_path: Path) -> None:
-    """criu pre-dump, then dump --prev-images-dir --track-mem: the final images hold only dirtied pages;
-    the rest (possibly the frame's pages) come from the parent chain."""
-    from tests.realcriu import criu as run_criu
-
-    wl = _start(tmp_path, "siginfo")
-    try:
-        pre, final = tmp_path / "pre", tmp_path / "dump"
-        pre.mkdir()
-        try:
-            run_criu("pre-dump", "-t", str(wl.pid), "-D", str(pre), "--track-mem", log_dir=pre, log="pre.log")
-        except RuntimeError as exc:
-            if "Tracking memory is not available" in str(exc):
-                pytest.skip(
-                    "this kernel has no soft-dirty memory tracking: criu pre-dump cannot run "
-                    "(the parent chain is covered by apply --out overlays restored with CRIU)"
-                )
-            raise
-        final.mkdir()
-        run_criu(
-            "dump",
-            "-t",
-            str(wl.pid),
-            "-D",
-            str(final),
-            "--prev-images-dir",
-            "../pre",
-            "--track-mem",
-            log_dir=final,
-            log="dump.log",
-        )
-        assert (final / "parent").is_symlink()
-        if wl._proc is not None:
-            wl._proc.wait(timeout=10)
-        with open_checkpoint(final) as ck:
-            assert ck.parent is not None
-            live = [(f.tid, f.address) for t in load_model(ck).threads() for f in t.frames.live]
-        (truth,) = wl.truths()
-        assert live == [(truth["tid"], truth["frame"])]
-        assert main(["plan", str(final), "--dest", ICX]) == 0
-        out = tmp_path / "icx"
-        assert main(["apply", str(final), "--dest", ICX, "--out", str(out)]) == 0
-        wl.restore(out)  # a chain of three: icx -> dump -> pre
-        wl.release()
-        lost = wl.result()
-        assert lost_upper_halves(lost, truth_levels(wl.workdir)), lost
-    finally:
-        wl.kill()
-
-
 def test_ia32_task_frame_is_found_kept_on_this_host_and_refused_elsewhere(
     here: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

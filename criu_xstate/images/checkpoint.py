@@ -111,16 +111,20 @@ class Checkpoint:
         entry = framing.read_single(path, framing.CPUINFO, cpuinfo_pb2.cpuinfo_entry)
         return entry.x86_entry[0] if entry.x86_entry else None
 
-    def address_space(self, pid: int) -> AddressSpace:
+    def address_space(self, pid: int, mm: mm_pb2.mm_entry | None = None) -> AddressSpace:
+        """The process's memory as this checkpoint and its parents hold it. A parent is read with the
+        child's mappings (``mm``): CRIU restores the final dump's VMAs and takes only pages from the
+        parent, and a pre-dump writes no mm-<pid>.img at all (measured: criu pre-dump in a QEMU guest)."""
         if pid not in self._spaces:
+            mm = mm if mm is not None else self.mm(pid)
             parent = self.parent
             parent_space = None
             if parent is not None and os.path.lexists(parent.dir / f"pagemap-{pid}.img"):
-                parent_space = parent.address_space(pid)
+                parent_space = parent.address_space(pid, mm)
             self._spaces[pid] = AddressSpace(
                 self.dir,
                 self.runs(pid),
-                self.mm(pid),
+                mm,
                 parent_space,
                 pagemap_path=str(self.dir / f"pagemap-{pid}.img"),
             )
