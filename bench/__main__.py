@@ -15,7 +15,8 @@ reported as the median. What is compared:
 - ``apply --out``: bytes written / checkpoint bytes;
 - real CRIU 4.1.1 dumps (root and scripts/get-criu): a process with 1 GiB (and 8 GiB when the disk
   has 20 GiB free) of touched anonymous memory parked in a signal handler (bench/workloads/ballast.c);
-  the dumps are deleted afterwards;
+  each is also restored by `criu restore`, with and without the installed hook as its action script
+  (hook time: CRIU's own log, pre-restore to the next step); the dumps are deleted afterwards;
 - the hook: a runc checkpoint and restore with and without it (bench/bench_hook.py).
 
 Synthetic checkpoints are CRIU-shaped (bench/synth.py: one pagemap entry per MiB, a real dump's stack
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -47,6 +49,20 @@ DEST = str(REPO / "criu_xstate" / "data" / "hosts" / "intel-icelake-sp.yaml")
 PY = sys.executable
 THREADS = [250, 1000, 4000]
 MEMORY_GIB = [1.0, 8.0, 32.0]
+
+
+def as_installed(*trees: Path) -> None:
+    """Time the code as an installation runs it: with its bytecode cached. pip byte-compiles what it
+    installs, but a shell with PYTHONDONTWRITEBYTECODE=1 (this machine kind's default) running an
+    editable tree recompiles every module in every process: 56 modules, ~80 ms of each plan and hook
+    here, more than the floor's imports cost, which skewed every ratio against the tool."""
+    import compileall
+
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # also for the hook, run by runc and CRIU
+    for tree in trees:
+        for pkg in ("criu_xstate", "bench"):
+            if (tree / pkg).is_dir():
+                compileall.compile_dir(str(tree / pkg), quiet=1)
 
 
 def _run(argv: list[str], ok: tuple[int, ...] = (0,), tree: Path = REPO) -> float:
@@ -255,7 +271,7 @@ def real_skip_reason() -> str | None:
     return skip_reason()
 
 
-def _dump_ballast(gib: float, images: Path, work: Path) -> None:
+def _dump_ballast(gib: float, images: Path, work: Path) -> int:
     from tests.realcriu import CACHE, _wait_for, criu
 
     exe = CACHE / "workloads" / "ballast"
@@ -281,14 +297,72 @@ def _dump_ballast(gib: float, images: Path, work: Path) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+    return proc.pid
+
+
+def install_hook(where: Path) -> Path:
+    """The action script `hook-install` writes (probing this host at pre-restore, enforce), as a user
+    installs it; the checkpoints restored with it are this host's own, so it plans and writes nothing."""
+    from criu_xstate.cli import main as cli
+
+    script = where / "hook"
+    argv = ["hook-install", "--script", str(script), "--config", str(where / "config.yaml")]
+    if cli([*argv, "--criu-config", str(where / "criu.conf"), "--dest", "probe"]) != 0:
+        raise SystemExit("bench: hook-install failed")
+    return script
+
+
+def restore(images: Path, pid: int, hook: Path | None) -> float:
+    """`criu restore` of a ballast dump (its pages read back into memory), with or without the hook as
+    CRIU's action script; the restored process is killed afterwards and not timed."""
+    from tests.realcriu import criu
+
+    extra = ["--action-script", str(hook)] if hook else []
+    t0 = time.perf_counter()
+    criu("restore", "-D", str(images), "-d", *extra, log_dir=images, log="restore.log")
+    took = time.perf_counter() - t0
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return took
+
+
+def pre_restore_s(images: Path) -> float:
+    """How long CRIU waited for its pre-restore scripts in the last restore, from its own log: the
+    time from "Running pre-restore scripts" to the next step (past the lines naming the scripts), which
+    is the hook's whole cost (every other action returns in the shell). A restore of a large dump
+    varies by more than the hook costs on a shared machine; this does not."""
+    stamp = re.compile(r"^\((\d+\.\d+)\) (.)")
+    start = None
+    for line in (images / "restore.log").read_text(errors="replace").splitlines():
+        m = stamp.match(line)
+        if m and start is None and "Running pre-restore scripts" in line:
+            start = float(m.group(1))
+        elif m and start is not None and m.group(2) != "\t":
+            return float(m.group(1)) - start
+    raise SystemExit(f"bench: no pre-restore step in {images / 'restore.log'}")
+
+
+def restore_with_hook(images: Path, pid: int, hook: Path, waits: list[float]) -> float:
+    took = restore(images, pid, hook)
+    waits.append(pre_restore_s(images))
+    return took
+
+
+def _restorable(gib: float) -> bool:
+    """A restore needs the dump's memory again: only sizes that fit twice in what is available."""
+    avail = next(ln for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemAvailable"))
+    return gib * 2 * (1 << 20) < int(avail.split()[1])
 
 
 def real_dumps(tmp: Path, sizes: list[float], rounds: int, with_pycriu: bool) -> dict[str, object]:
     cks = {g: tmp / f"real-{g}" for g in sizes}
     rows = []
     try:
-        for g, ck in cks.items():
-            _dump_ballast(g, ck, tmp / f"real-work-{g}")
+        pids = {g: _dump_ballast(g, ck, tmp / f"real-work-{g}") for g, ck in cks.items()}
+        hook = install_hook(tmp / "hook")
+        waits: dict[float, list[float]] = {g: [] for g in sizes}
         jobs: dict[str, Callable[[], float]] = {}
         for g, ck in cks.items():
             jobs[f"plan {g}"] = lambda ck=ck: plan(ck)  # type: ignore[misc]
@@ -296,6 +370,9 @@ def real_dumps(tmp: Path, sizes: list[float], rounds: int, with_pycriu: bool) ->
             jobs[f"apply {g}"] = lambda ck=ck, g=g: apply_out(ck, tmp / f"real-out-{g}")  # type: ignore[misc]
             if with_pycriu:
                 jobs[f"pycriu {g}"] = lambda ck=ck: pycriu(ck)  # type: ignore[misc]
+            if _restorable(g):
+                jobs[f"restore {g}"] = lambda ck=ck, g=g: restore(ck, pids[g], None)  # type: ignore[misc]
+                jobs[f"restore+hook {g}"] = lambda ck=ck, g=g: restore_with_hook(ck, pids[g], hook, waits[g])  # type: ignore[misc]
         med = _rounds(jobs, rounds)
         for g, ck in cks.items():
             from criu_xstate.images.pagemap import read_pagemap_runs
@@ -317,8 +394,15 @@ def real_dumps(tmp: Path, sizes: list[float], rounds: int, with_pycriu: bool) ->
             if with_pycriu:
                 row["pycriu_s"] = med[f"pycriu {g}"]
                 row["plan_over_pycriu"] = round(med[f"plan {g}"] / med[f"pycriu {g}"], 3)
+            if f"restore {g}" in med:
+                row["restore_s"] = med[f"restore {g}"]
+                row["restore_hook_s"] = med[f"restore+hook {g}"]
+                row["hook_over_restore"] = round(med[f"restore+hook {g}"] / med[f"restore {g}"], 3)
+                row["hook_pre_restore_s"] = round(statistics.median(waits[g]), 4)
+                row["hook_share_of_restore"] = round(statistics.median(waits[g]) / med[f"restore {g}"], 3)
             rows.append(row)
     finally:
+        shutil.rmtree(tmp / "hook", ignore_errors=True)
         for g in sizes:
             for d in (f"real-{g}", f"real-out-{g}", f"real-work-{g}"):
                 shutil.rmtree(tmp / d, ignore_errors=True)
@@ -446,6 +530,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = ap.parse_args()
+    as_installed(REPO, *([args.before] if args.before is not None else []))
     with_pycriu = not args.no_pycriu and pycriu_available()
     results: dict[str, object] = {"machine": machine(), "rounds": args.rounds}
     tmp = Path(tempfile.mkdtemp(prefix="criu-xstate-bench-", dir="/var/tmp"))
