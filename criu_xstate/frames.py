@@ -29,8 +29,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from functools import cached_property
-from typing import Protocol
+from typing import Any, Protocol
 
 from criu_xstate.errors import MemoryUnreadable
 from criu_xstate.x86.sigframe import (
@@ -348,37 +347,41 @@ class _Reader:
 # --- one candidate and the checks on it -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class _Candidate:
     """A frame's fields as read at ``address``; the XSAVE image its fpstate names is probed on first use
-    (a candidate whose header already fails costs no image read)."""
+    (a candidate whose header already fails costs no image read). Built once per anchor: the survey's
+    quick pass and the examination with evidence share it, and so its fields and its probe."""
 
-    abi: Abi
-    address: int
-    fields: Mapping[str, int]
-    restorers: frozenset[int]
-    reader: _Reader
+    __slots__ = ("_probe", "_probed", "abi", "address", "fields", "reader", "restorers", "xsave")
+
+    def __init__(
+        self, abi: Abi, address: int, fields: Mapping[str, int], restorers: frozenset[int], reader: _Reader
+    ) -> None:
+        self.abi, self.address, self.fields = abi, address, fields
+        self.restorers, self.reader = restorers, reader
+        fpstate = fields["fpstate"]
+        # Where the FXSAVE/XSAVE image starts (None: fpstate NULL, no FPU context).
+        self.xsave = None if not fpstate else fpstate if abi is Abi.X86_64 else fpstate + IA32_FSAVE_HEADER
+        self._probe: SwBytes | str | None = None
+        self._probed = False
 
     @property
     def fpstate(self) -> int:
         return self.fields["fpstate"]
 
     @property
-    def xsave(self) -> int | None:
-        """Where the FXSAVE/XSAVE image starts (None: fpstate NULL, no FPU context)."""
-        if not self.fpstate:
-            return None
-        return self.fpstate if self.abi is Abi.X86_64 else self.fpstate + IA32_FSAVE_HEADER
-
-    @cached_property
     def probe(self) -> SwBytes | str | None:
         """The image's sw bytes, or why it fails; None when there is no aligned image to probe."""
-        xsave = self.xsave
-        return None if xsave is None or xsave % XSAVE_ALIGN else self.reader.probe(xsave)
+        if not self._probed:
+            xsave = self.xsave
+            self._probe = None if xsave is None or xsave % XSAVE_ALIGN else self.reader.probe(xsave)
+            self._probed = True
+        return self._probe
 
     @property
     def sw(self) -> SwBytes | None:
-        return self.probe if isinstance(self.probe, SwBytes) else None
+        probe = self.probe
+        return probe if isinstance(probe, SwBytes) else None
 
     def same_region(self, addr: int) -> bool:
         """Is ``addr`` on the mapping that holds the frame?"""
@@ -534,11 +537,12 @@ def _frame_of(
     )
 
 
-def _with_image(frame: SignalFrame, reader: _Reader) -> SignalFrame:
-    """The frame with its XSAVE image (through magic2) read, for frames that are reported."""
-    if frame.sw is None or frame.xsave_address is None:
-        return frame
-    return replace(frame, image=reader.read(frame.xsave_address, frame.sw.frame_bytes))
+def _with_image(frame: SignalFrame, reader: _Reader, **changes: Any) -> SignalFrame:
+    """The frame as reported: with its XSAVE image (through magic2) read and ``changes`` made (one copy
+    of the frame, not one per change)."""
+    if frame.sw is not None and frame.xsave_address is not None:
+        changes["image"] = reader.read(frame.xsave_address, frame.sw.frame_bytes)
+    return replace(frame, **changes) if changes else frame
 
 
 def _examine(
@@ -548,9 +552,15 @@ def _examine(
     try:
         c = _candidate(reader, abi, address, _restorers(sigactions, abi))
     except MemoryUnreadable as exc:
-        unreadable = Check("readable", False, f"frame bytes unreadable: {exc.reason}")
-        return SignalFrame(tid, abi, address, stack, Liveness.INVALID, None, (unreadable,))
+        return _unreadable_frame(exc, abi, address, stack, tid)
     return _frame_of(c, _run_checks(c), stack, tid, sigactions)
+
+
+def _unreadable_frame(
+    exc: MemoryUnreadable, abi: Abi, address: int, stack: StackKind, tid: int
+) -> SignalFrame:
+    unreadable = Check("readable", False, f"frame bytes unreadable: {exc.reason}")
+    return SignalFrame(tid, abi, address, stack, Liveness.INVALID, None, (unreadable,))
 
 
 def examine_frame_64(
@@ -619,6 +629,15 @@ class _Thread:
         self.examined = 0
         self.rejected = 0
         self._frames: dict[tuple[int, StackKind], SignalFrame] = {}
+        self._candidates: dict[int, _Candidate] = {}
+
+    def candidate(self, addr: int) -> _Candidate:
+        """The candidate at ``addr``, parsed once (MemoryUnreadable if its bytes are not there)."""
+        c = self._candidates.get(addr)
+        if c is None:
+            abi = self.abi_at(addr)
+            c = self._candidates[addr] = _candidate(self.reader, abi, addr, self.anchored[abi])
+        return c
 
     def stack_for(self, addr: int) -> _Stack | None:
         for s in self.stacks:
@@ -660,23 +679,29 @@ class _Thread:
         head = RT_SIGFRAME_IA32.parse(self.reader.read(addr, RT_SIGFRAME_IA32.size))
         return Abi.IA32_RT if head["fpstate"] == addr + IA32_RT_KERNEL_FPSTATE_OFFSET else Abi.IA32
 
+    def _abi_or_rt(self, addr: int) -> Abi:
+        try:
+            return self.abi_at(addr)
+        except MemoryUnreadable:
+            return Abi.IA32_RT  # the frame reports the unreadable bytes
+
     def examine(self, addr: int, stack: _Stack) -> SignalFrame:
         """The frame at ``addr`` (examined once: the live chain and the report both ask for it)."""
         key = (addr, stack.kind)
         frame = self._frames.get(key)
         if frame is None:
             try:
-                abi = self.abi_at(addr)
-            except MemoryUnreadable:
-                abi = Abi.IA32_RT  # _examine reports the unreadable bytes
-            frame = _examine(self.reader, abi, addr, stack.kind, self.sigactions, self.thread.tid)
+                c = self.candidate(addr)
+            except MemoryUnreadable as exc:
+                frame = _unreadable_frame(exc, self._abi_or_rt(addr), addr, stack.kind, self.thread.tid)
+            else:
+                frame = _frame_of(c, _run_checks(c), stack.kind, self.thread.tid, self.sigactions)
             self._frames[key] = frame
         return frame
 
     def passes(self, addr: int) -> bool:
         try:
-            abi = self.abi_at(addr)
-            return _passes(_candidate(self.reader, abi, addr, self.anchored[abi]))
+            return _passes(self.candidate(addr))
         except MemoryUnreadable:
             return False
 
@@ -724,11 +749,12 @@ class _Thread:
         out: list[SignalFrame] = []
         mask_during = self.thread.blocked  # the mask while the innermost handler runs
         for depth, (addr, stack) in enumerate(chain):
-            frame = replace(self.examine(addr, stack), liveness=Liveness.LIVE, depth=depth)
-            if frame.signo is None:
-                frame = replace(frame, signo=_signo_from_masks(frame, mask_during, self.sigactions))
-            out.append(_with_image(frame, self.reader))
-            mask_during = frame.sigmask
+            examined = self.examine(addr, stack)
+            signo = examined.signo
+            if signo is None:
+                signo = _signo_from_masks(examined, mask_during, self.sigactions)
+            out.append(_with_image(examined, self.reader, liveness=Liveness.LIVE, depth=depth, signo=signo))
+            mask_during = examined.sigmask
         return out
 
     def other_frames(self, chain: list[tuple[int, _Stack]]) -> tuple[list[SignalFrame], int]:
@@ -742,8 +768,8 @@ class _Thread:
             if isinstance(what, SignalFrame):
                 out.append(_with_image(what, self.reader))  # INVALID: which check failed is in failed
             else:
-                frame = replace(self.examine(addr, what), liveness=self.liveness_off_chain(addr))
-                out.append(_with_image(frame, self.reader))
+                frame = self.examine(addr, what)
+                out.append(_with_image(frame, self.reader, liveness=self.liveness_off_chain(addr)))
         omitted = len(valid) + self.rejected - len(out)
         return out, omitted
 
