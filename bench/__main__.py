@@ -497,6 +497,12 @@ def table(results: dict[str, Any]) -> str:
                 f"{name:<34}{r['plan_s']:>8.3f}{r['floor_s']:>9.3f}{r['plan_over_floor']:>12.2f}{pyc:>13}"
                 f"{r['apply_out_s']:>9.3f}{r['written_over_checkpoint']:>14.2e}"
             )
+        for r in real["rows"]:
+            if "restore_s" in r:
+                out.append(
+                    f"  {r['memory_gib']:.0f} GiB: criu restore {r['restore_s']} s, the hook in it "
+                    f"{r['hook_pre_restore_s']} s ({100 * r['hook_share_of_restore']:.1f}%)"
+                )
         if "plan_ms_per_gib" in real:
             out.append(
                 f"  plan {real['plan_ms_per_gib']} ms/GiB, apply --out {real['apply_ms_per_gib']} ms/GiB"
