@@ -29,7 +29,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from criu_xstate.errors import MemoryUnreadable
 from criu_xstate.x86.sigframe import (
@@ -350,9 +350,21 @@ class _Reader:
 class _Candidate:
     """A frame's fields as read at ``address``; the XSAVE image its fpstate names is probed on first use
     (a candidate whose header already fails costs no image read). Built once per anchor: the survey's
-    quick pass and the examination with evidence share it, and so its fields and its probe."""
+    quick pass and the examination with evidence share it, and so its fields, its probe and its region."""
 
-    __slots__ = ("_probe", "_probed", "abi", "address", "fields", "reader", "restorers", "xsave")
+    __slots__ = (
+        "_probe",
+        "_probed",
+        "_region",
+        "_region_known",
+        "abi",
+        "address",
+        "fields",
+        "reader",
+        "restorers",
+        "sw",
+        "xsave",
+    )
 
     def __init__(
         self, abi: Abi, address: int, fields: Mapping[str, int], restorers: frozenset[int], reader: _Reader
@@ -364,128 +376,193 @@ class _Candidate:
         self.xsave = None if not fpstate else fpstate if abi is Abi.X86_64 else fpstate + IA32_FSAVE_HEADER
         self._probe: SwBytes | str | None = None
         self._probed = False
+        self.sw: SwBytes | None = None  # set by probe(): the image's sw bytes when they hold
+        self._region: tuple[int, int] | None = None
+        self._region_known = False
 
     @property
     def fpstate(self) -> int:
         return self.fields["fpstate"]
 
-    @property
     def probe(self) -> SwBytes | str | None:
         """The image's sw bytes, or why it fails; None when there is no aligned image to probe."""
         if not self._probed:
             xsave = self.xsave
-            self._probe = None if xsave is None or xsave % XSAVE_ALIGN else self.reader.probe(xsave)
+            self._probe = probe = None if xsave is None or xsave % XSAVE_ALIGN else self.reader.probe(xsave)
+            self.sw = probe if isinstance(probe, SwBytes) else None
             self._probed = True
         return self._probe
 
-    @property
-    def sw(self) -> SwBytes | None:
-        probe = self.probe
-        return probe if isinstance(probe, SwBytes) else None
-
     def same_region(self, addr: int) -> bool:
         """Is ``addr`` on the mapping that holds the frame?"""
-        region = self.reader.region_of(self.address)
+        if not self._region_known:
+            self._region, self._region_known = self.reader.region_of(self.address), True
+        region = self._region
         return region is not None and region[0] <= addr < region[1]
 
 
-CheckFn = Callable[[_Candidate], "tuple[bool, str] | None"]  # None: the check does not apply
+class CheckRow(NamedTuple):
+    """One check of a candidate: ``test`` says whether it holds (None: it does not apply), ``evidence``
+    what was seen. The survey's quick pass runs the tests alone; a reported frame records both."""
+
+    name: str
+    test: Callable[[_Candidate], bool | None]
+    evidence: Callable[[_Candidate], str]
 
 
-def _alignment_64(c: _Candidate) -> tuple[bool, str]:
-    return c.address % 16 == 8, f"frame 0x{c.address:x} % 16 == {c.address % 16}"
+def _aligned_64(c: _Candidate) -> bool:
+    return c.address % 16 == 8
 
 
-def _alignment_ia32(c: _Candidate) -> tuple[bool, str]:
-    return (c.address + 4) % 16 == 0, f"(frame+4) % 16 == {(c.address + 4) % 16}"
+def _alignment_64(c: _Candidate) -> str:
+    return f"frame 0x{c.address:x} % 16 == {c.address % 16}"
 
 
-def _pretcode(c: _Candidate) -> tuple[bool, str]:
-    return c.fields["pretcode"] in c.restorers, f"pretcode 0x{c.fields['pretcode']:x}"
+def _aligned_ia32(c: _Candidate) -> bool:
+    return (c.address + 4) % 16 == 0
 
 
-def _uc_flags(c: _Candidate) -> tuple[bool, str]:
-    flags, link = c.fields["uc_flags"], c.fields["uc_link"]
-    return flags & ~UC_KNOWN_FLAGS == 0 and link == 0, f"uc_flags 0x{flags:x}, uc_link 0x{link:x}"
+def _alignment_ia32(c: _Candidate) -> str:
+    return f"(frame+4) % 16 == {(c.address + 4) % 16}"
 
 
-def _cs_64(c: _Candidate) -> tuple[bool, str]:
-    return c.fields["cs"] in (USER_CS_64, USER_CS_32), f"cs 0x{c.fields['cs']:x}"
+def _pretcode_ok(c: _Candidate) -> bool:
+    return c.fields["pretcode"] in c.restorers
 
 
-def _cs_ia32(c: _Candidate) -> tuple[bool, str]:
-    cs = c.fields["cs"] & 0xFFFF
-    return cs == USER_CS_32, f"cs 0x{cs:x}"
+def _pretcode(c: _Candidate) -> str:
+    return f"pretcode 0x{c.fields['pretcode']:x}"
 
 
-def _sigmask(c: _Candidate) -> tuple[bool, str]:
-    old, mask = c.fields["oldmask"], c.fields["sigmask"]
-    return old == mask & 0xFFFFFFFFFFFFFFFF, f"oldmask 0x{old:x}, uc_sigmask 0x{mask:x}"
+def _uc_flags_ok(c: _Candidate) -> bool:
+    return c.fields["uc_flags"] & ~UC_KNOWN_FLAGS == 0 and c.fields["uc_link"] == 0
 
 
-def _fpstate_64(c: _Candidate) -> tuple[bool, str]:
+def _uc_flags(c: _Candidate) -> str:
+    return f"uc_flags 0x{c.fields['uc_flags']:x}, uc_link 0x{c.fields['uc_link']:x}"
+
+
+def _cs_64_ok(c: _Candidate) -> bool:
+    return c.fields["cs"] in (USER_CS_64, USER_CS_32)
+
+
+def _cs_64(c: _Candidate) -> str:
+    return f"cs 0x{c.fields['cs']:x}"
+
+
+def _cs_ia32_ok(c: _Candidate) -> bool:
+    return c.fields["cs"] & 0xFFFF == USER_CS_32
+
+
+def _cs_ia32(c: _Candidate) -> str:
+    return f"cs 0x{c.fields['cs'] & 0xFFFF:x}"
+
+
+def _sigmask_ok(c: _Candidate) -> bool:
+    return c.fields["oldmask"] == c.fields["sigmask"] & 0xFFFFFFFFFFFFFFFF
+
+
+def _sigmask(c: _Candidate) -> str:
+    return f"oldmask 0x{c.fields['oldmask']:x}, uc_sigmask 0x{c.fields['sigmask']:x}"
+
+
+def _fpstate_64_ok(c: _Candidate) -> bool:
+    fpstate = c.fields["fpstate"]
+    if fpstate == 0:
+        return True
+    if fpstate % XSAVE_ALIGN:
+        return False
+    c.probe()
+    return c.sw is not None
+
+
+def _fpstate_64(c: _Candidate) -> str:
     if c.fpstate == 0:
-        return True, "no FPU context (fpstate NULL): nothing to translate"
+        return "no FPU context (fpstate NULL): nothing to translate"
     if c.fpstate % XSAVE_ALIGN:
-        return False, f"fpstate 0x{c.fpstate:x} is not 64-byte aligned"
+        return f"fpstate 0x{c.fpstate:x} is not 64-byte aligned"
+    probe = c.probe()
     if c.sw is None:
-        return False, str(c.probe)
+        return str(probe)
     if c.sw.fxsave_only:
-        return True, f"fpstate 0x{c.fpstate:x}: magic1, FXSAVE image (512 bytes, no magic2)"
-    return True, f"fpstate 0x{c.fpstate:x}: magic1, xstate_size {c.sw.xstate_size}, magic2 ok"
+        return f"fpstate 0x{c.fpstate:x}: magic1, FXSAVE image (512 bytes, no magic2)"
+    return f"fpstate 0x{c.fpstate:x}: magic1, xstate_size {c.sw.xstate_size}, magic2 ok"
 
 
-def _fpstate_ia32(c: _Candidate) -> tuple[bool, str] | None:
+def _fpstate_ia32_ok(c: _Candidate) -> bool | None:
     if c.xsave is None:
         return None  # no FPU context: nothing to check
     if c.xsave % XSAVE_ALIGN:
-        return False, f"XSAVE image 0x{c.xsave:x} is not 64-byte aligned"
+        return False
+    c.probe()
+    return c.sw is not None
+
+
+def _fpstate_ia32(c: _Candidate) -> str:
+    if c.xsave is not None and c.xsave % XSAVE_ALIGN:
+        return f"XSAVE image 0x{c.xsave:x} is not 64-byte aligned"
+    probe = c.probe()
     if c.sw is None:
-        return False, str(c.probe)
-    return True, f"fpstate 0x{c.fpstate:x}, xstate_size {c.sw.xstate_size}"
+        return str(probe)
+    return f"fpstate 0x{c.fpstate:x}, xstate_size {c.sw.xstate_size}"
 
 
-def _interrupted_sp(c: _Candidate) -> tuple[bool, str]:
+def _frame_end(c: _Candidate) -> int:
+    """Where the frame and, when it lies between the frame and the interrupted SP, its image end."""
+    isp, end = c.fields["sp"], c.address + RT_SIGFRAME_SIZE
+    fpstate = c.fields["fpstate"]
+    if fpstate and c.address < fpstate < isp:
+        c.probe()
+        end = max(end, fpstate + (c.sw.frame_bytes if c.sw else 0))
+    return end
+
+
+def _interrupted_sp_ok(c: _Candidate) -> bool:
     """The interrupted SP lies above the frame and its image when it is on the same stack (kernel.md
     §1.3); from an altstack it points to the other stack, and a relocated image may be anywhere."""
-    isp, end = c.fields["sp"], c.address + RT_SIGFRAME_SIZE
-    if c.fpstate and c.address < c.fpstate < isp:
-        end = max(end, c.fpstate + (c.sw.frame_bytes if c.sw else 0))
+    isp = c.fields["sp"]
     if c.same_region(isp):
-        return isp >= end, f"interrupted sp 0x{isp:x} vs frame end 0x{end:x}"
-    return isp != 0, f"interrupted sp 0x{isp:x} vs frame end 0x{end:x} (other stack)"
+        return isp >= _frame_end(c)
+    return isp != 0
 
 
-# The checks every candidate goes through, in order; each records a Check with its detail.
-CHECKS_64: tuple[tuple[str, CheckFn], ...] = (
-    ("alignment", _alignment_64),
-    ("pretcode", _pretcode),
-    ("uc_flags", _uc_flags),
-    ("cs", _cs_64),
-    ("sigmask", _sigmask),
-    ("fpstate", _fpstate_64),
-    ("interrupted_sp", _interrupted_sp),
+def _interrupted_sp(c: _Candidate) -> str:
+    isp, end = c.fields["sp"], _frame_end(c)
+    if c.same_region(isp):
+        return f"interrupted sp 0x{isp:x} vs frame end 0x{end:x}"
+    return f"interrupted sp 0x{isp:x} vs frame end 0x{end:x} (other stack)"
+
+
+# The checks every candidate goes through, in order; each records a Check with its evidence.
+CHECKS_64: tuple[CheckRow, ...] = (
+    CheckRow("alignment", _aligned_64, _alignment_64),
+    CheckRow("pretcode", _pretcode_ok, _pretcode),
+    CheckRow("uc_flags", _uc_flags_ok, _uc_flags),
+    CheckRow("cs", _cs_64_ok, _cs_64),
+    CheckRow("sigmask", _sigmask_ok, _sigmask),
+    CheckRow("fpstate", _fpstate_64_ok, _fpstate_64),
+    CheckRow("interrupted_sp", _interrupted_sp_ok, _interrupted_sp),
 )
-CHECKS_IA32: tuple[tuple[str, CheckFn], ...] = (
-    ("alignment", _alignment_ia32),
-    ("pretcode", _pretcode),
-    ("cs", _cs_ia32),
-    ("fpstate", _fpstate_ia32),
+CHECKS_IA32: tuple[CheckRow, ...] = (
+    CheckRow("alignment", _aligned_ia32, _alignment_ia32),
+    CheckRow("pretcode", _pretcode_ok, _pretcode),
+    CheckRow("cs", _cs_ia32_ok, _cs_ia32),
+    CheckRow("fpstate", _fpstate_ia32_ok, _fpstate_ia32),
 )
 
 
-def _table(c: _Candidate) -> tuple[tuple[str, CheckFn], ...]:
+def _table(c: _Candidate) -> tuple[CheckRow, ...]:
     return CHECKS_64 if c.abi is Abi.X86_64 else CHECKS_IA32
 
 
 def _run_checks(c: _Candidate) -> tuple[Check, ...]:
     """Every check of the candidate's ABI, each with its evidence."""
-    return tuple(Check(name, *got) for name, check in _table(c) if (got := check(c)) is not None)
+    return tuple(Check(row.name, ok, row.evidence(c)) for row in _table(c) if (ok := row.test(c)) is not None)
 
 
 def _passes(c: _Candidate) -> bool:
     """Whether every check holds, stopping at the first that fails (no evidence kept)."""
-    return all(got is None or got[0] for got in (check(c) for _, check in _table(c)))
+    return all(row.test(c) is not False for row in _table(c))
 
 
 # --- examining a candidate ---------------------------------------------------------------------------
@@ -509,31 +586,51 @@ def _candidate(reader: _Reader, abi: Abi, address: int, restorers: frozenset[int
 
 
 def _frame_of(
-    c: _Candidate, checks: tuple[Check, ...], stack: StackKind, tid: int, sigactions: Sequence[Sigaction]
+    c: _Candidate,
+    checks: tuple[Check, ...],
+    stack: StackKind,
+    tid: int,
+    sigactions: Sequence[Sigaction],
+    *,
+    liveness: Liveness = Liveness.INVALID,
+    depth: int | None = None,
+    mask_during: int | None = None,
+    with_image: bool = False,
 ) -> SignalFrame:
+    """The frame the candidate is. A live one is built once, as reported: ``mask_during`` (the mask
+    while its handler runs) names its signal when siginfo does not, and ``with_image`` reads its image
+    (see :func:`_with_image`)."""
     f = c.fields
+    c.probe()
     if c.abi is Abi.X86_64:
         signo = _signo_for(f["si_signo"], f["pretcode"], sigactions)
         uc_flags, sigmask = f["uc_flags"], f["sigmask"]
     else:
         signo, uc_flags, sigmask = f["sig"] or None, 0, 0
+    if signo is None and mask_during is not None:
+        signo = _signo_from_masks(sigmask, mask_during, sigactions)
+    sw, xsave = c.sw, c.xsave
+    image = b""
+    if with_image and sw is not None and xsave is not None:
+        image = c.reader.read(xsave, sw.frame_bytes)
     return SignalFrame(
-        tid=tid,
-        abi=c.abi,
-        address=c.address,
-        stack=stack,
-        liveness=Liveness.INVALID,
-        depth=None,
-        checks=checks,
-        signo=signo,
-        uc_flags=uc_flags,
-        sigmask=sigmask,
-        interrupted_ip=f["ip"],
-        interrupted_sp=f["sp"],
-        fpstate=c.fpstate or None,
-        xsave_address=c.xsave,
-        kernel_layout=c.fpstate == c.address + _KERNEL_FPSTATE[c.abi],
-        sw=c.sw,
+        tid,
+        c.abi,
+        c.address,
+        stack,
+        liveness,
+        depth,
+        checks,
+        signo,
+        uc_flags,
+        sigmask,
+        f["ip"],
+        f["sp"],
+        f["fpstate"] or None,
+        xsave,
+        f["fpstate"] == c.address + _KERNEL_FPSTATE[c.abi],
+        sw,
+        image,
     )
 
 
@@ -591,10 +688,10 @@ def _signo_for(info_signo: int | None, pretcode: int, sigactions: Sequence[Sigac
     return None
 
 
-def _signo_from_masks(frame: SignalFrame, mask_during: int, sigactions: Sequence[Sigaction]) -> int | None:
+def _signo_from_masks(sigmask: int, mask_during: int, sigactions: Sequence[Sigaction]) -> int | None:
     """Without siginfo: the handled signal is blocked while its handler runs (unless SA_NODEFER) and was
-    not blocked before it (the frame's uc_sigmask). One candidate left names the signal."""
-    fresh = mask_during & ~frame.sigmask
+    not blocked before it (the frame's uc_sigmask, ``sigmask``). One candidate left names the signal."""
+    fresh = mask_during & ~sigmask
     owners = [sa.signo for sa in sigactions if sa.restorer and fresh >> (sa.signo - 1) & 1]
     return owners[0] if len(owners) == 1 else None
 
@@ -612,16 +709,31 @@ class _Survey:
     rejected: list[SignalFrame] = field(default_factory=list)
 
 
+class SigactionIndex:
+    """What discovery derives from a process's sigactions: the restorer addresses anchors are searched
+    for (as 64-bit and as compat values) and each ABI's set of them. Made once per process
+    (``Process.frame_index``), not once per thread."""
+
+    __slots__ = ("anchored", "compat_restorers", "restorers", "sigactions")
+
+    def __init__(self, sigactions: Sequence[Sigaction]) -> None:
+        self.sigactions = sigactions
+        self.restorers = sorted({sa.restorer for sa in sigactions if sa.restorer})
+        self.compat_restorers = [r & 0xFFFFFFFF for r in self.restorers]
+        self.anchored = {abi: _restorers(sigactions, abi) for abi in Abi}
+
+
 class _Thread:
     """Frame discovery for one thread. Each stack is read once and each anchor examined once; what is
     kept is the valid addresses and a bounded number of rejected frames."""
 
-    def __init__(self, thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigaction]) -> None:
+    def __init__(self, thread: ThreadStacks, memory: Memory, index: SigactionIndex) -> None:
         self.thread = thread
         self.memory = memory
-        self.sigactions = sigactions
-        self.restorers = sorted({sa.restorer for sa in sigactions if sa.restorer})
-        self.anchored = {abi: _restorers(sigactions, abi) for abi in Abi}
+        self.index = index
+        self.sigactions = index.sigactions
+        self.restorers = index.restorers
+        self.anchored = index.anchored
         self.stacks = _stacks_of(thread, memory)
         self.reader = _Reader(memory)
         self.surveys: dict[_Stack, _Survey] = {}
@@ -656,7 +768,7 @@ class _Thread:
         scanner = _Scanner(self.memory, stack, low)
         try:
             if self.thread.compat:
-                found = scanner.anchors([r & 0xFFFFFFFF for r in self.restorers], 4, 12)
+                found = scanner.anchors(self.index.compat_restorers, 4, 12)
             else:
                 found = scanner.anchors(self.restorers, 8, 8)
         except MemoryUnreadable as exc:
@@ -731,7 +843,7 @@ class _Thread:
             if nxt is None:
                 break
             chain.append((nxt, stack))
-            isp = self.examine(nxt, stack).interrupted_sp
+            isp = self.candidate(nxt).fields["sp"]  # it passed: its bytes were read
             # On one stack a chain goes outwards (up); across stacks (altstack -> the interrupted stack)
             # the next frame may sit at any address. Anything else is hostile: stop.
             if isp in stack and isp <= nxt:
@@ -749,12 +861,20 @@ class _Thread:
         out: list[SignalFrame] = []
         mask_during = self.thread.blocked  # the mask while the innermost handler runs
         for depth, (addr, stack) in enumerate(chain):
-            examined = self.examine(addr, stack)
-            signo = examined.signo
-            if signo is None:
-                signo = _signo_from_masks(examined, mask_during, self.sigactions)
-            out.append(_with_image(examined, self.reader, liveness=Liveness.LIVE, depth=depth, signo=signo))
-            mask_during = examined.sigmask
+            c = self.candidate(addr)  # on the chain: it passed every check
+            frame = _frame_of(
+                c,
+                _run_checks(c),
+                stack.kind,
+                self.thread.tid,
+                self.sigactions,
+                liveness=Liveness.LIVE,
+                depth=depth,
+                mask_during=mask_during,
+                with_image=True,
+            )
+            out.append(frame)
+            mask_during = frame.sigmask
         return out
 
     def other_frames(self, chain: list[tuple[int, _Stack]]) -> tuple[list[SignalFrame], int]:
@@ -762,6 +882,8 @@ class _Thread:
         on_chain = {a for a, _ in chain}
         valid = [(a, s) for s in list(self.stacks) for a in self.survey(s).valid if a not in on_chain]
         rejected = [f for sv in self.surveys.values() for f in sv.rejected]
+        if not valid and not rejected:
+            return [], self.rejected  # the common case: the live chain is all there is
         picked: list[tuple[int, SignalFrame | _Stack]] = [*valid, *((f.address, f) for f in rejected)]
         out: list[SignalFrame] = []
         for addr, what in sorted(picked, key=lambda p: p[0])[:MAX_RECORDED]:
@@ -774,10 +896,17 @@ class _Thread:
         return out, omitted
 
 
-def find_frames(thread: ThreadStacks, memory: Memory, sigactions: Sequence[Sigaction]) -> ThreadFrames:
+def find_frames(
+    thread: ThreadStacks,
+    memory: Memory,
+    sigactions: Sequence[Sigaction],
+    *,
+    index: SigactionIndex | None = None,
+) -> ThreadFrames:
     """Every anchored frame candidate on the thread's stacks (those off the live chain up to
-    :data:`MAX_RECORDED`, the rest counted), with the live chain marked."""
-    t = _Thread(thread, memory, sigactions)
+    :data:`MAX_RECORDED`, the rest counted), with the live chain marked. ``index``: the process's
+    :class:`SigactionIndex` of ``sigactions``, when the caller keeps one."""
+    t = _Thread(thread, memory, index if index is not None else SigactionIndex(sigactions))
     if not t.restorers:
         return ThreadFrames(thread.tid, ())
     chain = t.live_chain()

@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from criu_xstate.errors import ImageError
-from criu_xstate.frames import Sigaction, ThreadFrames, ThreadStacks, find_frames
+from criu_xstate.frames import Sigaction, SigactionIndex, ThreadFrames, ThreadStacks, find_frames
 from criu_xstate.images import AddressSpace, Checkpoint
 from criu_xstate.x86.xfeatures import PKRU
 
@@ -122,7 +122,8 @@ class Thread:
     def frames(self) -> ThreadFrames:
         alt = (self.altstack[0], self.altstack[1]) if self.altstack and self.altstack[1] else None
         stacks = ThreadStacks(self.tid, self.sp, self.compat, alt, self.blocked)
-        return find_frames(stacks, self.process.memory, self.process.sigactions)
+        process = self.process
+        return find_frames(stacks, process.memory, process.sigactions, index=process.frame_index)
 
     def state(self) -> ThreadState:
         unreadable = tuple(f"{u.stack.value}: {u.error.reason}" for u in self.frames.unreadable)
@@ -173,6 +174,11 @@ class Process:
     @cached_property
     def address_space(self) -> AddressSpace:
         return self.checkpoint.address_space(self.pid)
+
+    @cached_property
+    def frame_index(self) -> SigactionIndex:
+        """The sigactions as frame discovery searches them, made once for all the threads."""
+        return SigactionIndex(self.sigactions)
 
     @cached_property
     def memory(self) -> _ProcessMemory:

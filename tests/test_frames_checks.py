@@ -91,7 +91,7 @@ MUTATIONS_64: dict[str, list[Callable[[Frame64], int | None]]] = {
 
 
 def test_every_64bit_check_has_a_mutation() -> None:
-    assert [name for name, _ in CHECKS_64] == list(MUTATIONS_64)
+    assert [row.name for row in CHECKS_64] == list(MUTATIONS_64)
 
 
 def test_unmutated_kernel_frame_passes_every_check() -> None:
@@ -153,7 +153,7 @@ def test_ia32_checks_by_mutation() -> None:
         return [c.name for c in got.failed]
 
     assert failed() == []
-    assert {name for name, _ in CHECKS_IA32} == {"alignment", *MUTATIONS_IA32}
+    assert {row.name for row in CHECKS_IA32} == {"alignment", *MUTATIONS_IA32}
     for check, override in MUTATIONS_IA32.items():
         assert failed(**override) == [check]
     mem = FakeMemory()
