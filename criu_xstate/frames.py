@@ -29,6 +29,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, NamedTuple, Protocol
 
 from criu_xstate.errors import MemoryUnreadable
@@ -175,17 +176,19 @@ class SignalFrame:
         """The image is FXSAVE's 512 bytes (a source CPU without XSAVE): no header, no magic2."""
         return self.sw is not None and self.sw.fxsave_only
 
-    @property
+    # The image's header fields, read once (the plan's rules and its report each ask for them).
+
+    @cached_property
     def xstate_bv(self) -> int | None:
         if self.fxsave_only:
             return LEGACY  # what FXRSTOR restores from such an image: x87 and SSE, always
         return XsaveImage(self.image).xstate_bv
 
-    @property
+    @cached_property
     def xcomp_bv(self) -> int | None:
         return XsaveImage(self.image).xcomp_bv
 
-    @property
+    @cached_property
     def mxcsr(self) -> int | None:
         return XsaveImage(self.image).mxcsr
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache, cached_property
 
 from criu_xstate.frames import SignalFrame
 from criu_xstate.plan.inputs import HostFacts, SourceFacts
@@ -37,8 +38,8 @@ class FrameFacts:
     components: tuple[ComponentState, ...]  # of xstate_bv (>= 2) with a known offset, ascending
     pkru: int | None  # the frame's PKRU value, when it has one
 
-    @property
-    def subject(self) -> str:
+    @cached_property
+    def subject(self) -> str:  # every rule table's findings name it
         return f"tid {self.frame.tid} frame 0x{self.frame.address:x}"
 
     def on_dest(self, n: int) -> bool:
@@ -77,13 +78,22 @@ def frame_pkru(frame: SignalFrame, offsets: Mapping[int, tuple[int, int]]) -> in
     return XsaveImage(frame.image).u32(off)
 
 
+@cache
+def _inferred(xfeatures: int, xstate_size: int) -> Mapping[int, tuple[int, int]] | None:
+    """:func:`infer_source_offsets` without a hint, shared by the frames of one shape (read only)."""
+    return infer_source_offsets(xfeatures, xstate_size)
+
+
 def frame_facts(
     frame: SignalFrame, dest: HostFacts, source: SourceFacts | None, *, allow_relocation: bool
 ) -> FrameFacts:
     offsets = None
     if frame.sw is not None:
         hint = source.offsets if source else None
-        offsets = infer_source_offsets(frame.sw.xfeatures, frame.sw.xstate_size, hint)
+        if hint is None:  # the common case: one inference per (xfeatures, xstate_size), not per frame
+            offsets = _inferred(frame.sw.xfeatures, frame.sw.xstate_size)
+        else:
+            offsets = infer_source_offsets(frame.sw.xfeatures, frame.sw.xstate_size, hint)
     if offsets is None:
         return FrameFacts(frame, dest, allow_relocation, None, (), None)
     comps = tuple(c for _, c in sorted(frame_components(frame, offsets).items()))

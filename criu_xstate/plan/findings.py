@@ -85,7 +85,7 @@ class Rule(Generic[F, S]):
             hit.severity if hit.severity is not None else self.severity,
             subject,
             hit.detail,
-            self.remedy.format(name=hit.name),
+            self.remedy.format(name=hit.name) if "{" in self.remedy else self.remedy,
             None if hit.source is None else str(hit.source),
             None if hit.dest is None else str(hit.dest),
         )

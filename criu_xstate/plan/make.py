@@ -94,7 +94,11 @@ def plan_frame(
 
 def plan_thread_state(state: ThreadState, dest: HostFacts) -> list[Finding]:
     """Rules for the thread's current FPU state (core-<tid>.img), which CRIU itself re-lays out."""
-    t = ThreadFacts(state, dest)
+    return _judge_thread_state(ThreadFacts(state, dest))
+
+
+def _judge_thread_state(t: ThreadFacts) -> list[Finding]:
+    state = t.state
     out: list[Finding] = []
     run_rules(THREAD_RULES, t, None, t.subject, out)
     for why in state.unreadable:
@@ -133,7 +137,7 @@ def make_plan(
         )
         t = ThreadFacts(state, dest)
         drop = core_drop(t) if state.xstate_bv is not None else 0
-        plans.append(ThreadPlan(state, decisions, tuple(plan_thread_state(state, dest)), drop, core_pkru(t)))
+        plans.append(ThreadPlan(state, decisions, tuple(_judge_thread_state(t)), drop, core_pkru(t)))
     general = list(extra)
     c = CheckpointFacts(dest, source, strict_isa)
     run_rules(CHECKPOINT_RULES, c, None, c.subject, general)

@@ -9,6 +9,7 @@ PKRU_RULES once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from criu_xstate.model import ThreadState
 from criu_xstate.plan.findings import Hit, Rule, Severity
@@ -21,8 +22,8 @@ class ThreadFacts:
     state: ThreadState
     dest: HostFacts
 
-    @property
-    def subject(self) -> str:
+    @cached_property
+    def subject(self) -> str:  # every rule table's findings name it
         return f"tid {self.state.tid} registers"
 
     def absent_components(self) -> list[int]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
+from enum import StrEnum
 
-from criu_xstate.frames import SignalFrame
+from criu_xstate.frames import Abi, SignalFrame, StackKind
 from criu_xstate.glibc import GlibcState, GlibcUnread
 from criu_xstate.hosts import Difference
 from criu_xstate.model import CheckpointModel, Thread
@@ -36,6 +37,8 @@ def dumps(obj: object, *, pretty: bool | None = None) -> str:
 
 
 _SEVERITY = {s: s.name.lower() for s in Severity}  # enum .name is a slow descriptor, read per finding
+# .value is one too (~1 us a read): the values of the enums a plan prints per frame, looked up
+_VALUE: dict[StrEnum, str] = {m: m.value for e in (Abi, StackKind, FrameAction) for m in e}
 
 
 def _hex(value: int | None) -> str | None:
@@ -70,10 +73,10 @@ def _frame_summary(f: SignalFrame) -> dict[str, object]:
     return {
         "frame": hex(f.address),
         "fpstate": _hex(f.fpstate),
-        "stack": f.stack.value,
+        "stack": _VALUE[f.stack],
         "live": f.live,
         "depth": f.depth,
-        "abi": f.abi.value,
+        "abi": _VALUE[f.abi],
         "signo": f.signo,
         "xfeatures": hex(f.sw.xfeatures) if f.sw else None,
         "xstate_size": f.sw.xstate_size if f.sw else None,
@@ -83,7 +86,7 @@ def _frame_summary(f: SignalFrame) -> dict[str, object]:
 
 def decision_json(d: FrameDecision) -> dict[str, object]:
     out = _frame_summary(d.frame)
-    out["action"] = d.action.value
+    out["action"] = _VALUE[d.action]
     out["reasons"] = [finding_json(x) for x in d.findings]
     if d.action in (FrameAction.TRANSLATE, FrameAction.RELOCATE):
         out["target"] = {"xfeatures": hex(d.keep_mask), "xstate_size": d.target_size}
