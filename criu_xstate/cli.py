@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -287,14 +288,24 @@ def _raise_terminated(signo: int, frame: object) -> None:
     raise Terminated(signo)
 
 
+# A command builds its model and plan once and frees nothing until it exits: with CPython's default
+# thresholds the cyclic collector re-traverses that growing model over and over (0.1 s of a
+# 4000-thread plan, more than a tenth of it). Young garbage is still collected, every 200,000
+# allocations instead of 700 (as mypy does); the thresholds are restored after the command.
+GC_THRESHOLD = (200_000, 30, 30)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     previous: dict[int, object] = {}
     for signo in (signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):  # not the main thread (embedded use): leave them alone
             previous[signo] = signal.signal(signo, _raise_terminated)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLD)
     try:
         return _run(argv)
     finally:
+        gc.set_threshold(*thresholds)
         if (report_json := sys.modules.get("criu_xstate.report.json")) is not None:
             report_json.PRETTY = None  # type: ignore[attr-defined]  # --pretty was for this run only
         for restored, handler in previous.items():
