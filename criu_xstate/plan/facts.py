@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cache
 
 from criu_xstate.frames import SignalFrame
 from criu_xstate.plan.inputs import HostFacts, SourceFacts
@@ -38,8 +38,8 @@ class FrameFacts:
     components: tuple[ComponentState, ...]  # of xstate_bv (>= 2) with a known offset, ascending
     pkru: int | None  # the frame's PKRU value, when it has one
 
-    @cached_property
-    def subject(self) -> str:  # every rule table's findings name it
+    @property
+    def subject(self) -> str:
         return f"tid {self.frame.tid} frame 0x{self.frame.address:x}"
 
     def on_dest(self, n: int) -> bool:
@@ -67,7 +67,7 @@ def frame_components(frame: SignalFrame, offsets: Mapping[int, tuple[int, int]])
             continue
         off, size = offsets[n]
         data = frame.image[off : off + state_bytes(n, size)]
-        out[n] = ComponentState(n, off, size, in_use=any(data))
+        out[n] = ComponentState(n, off, size, in_use=data.count(0) != len(data))  # any(data), in C
     return out
 
 

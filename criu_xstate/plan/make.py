@@ -41,7 +41,7 @@ from criu_xstate.plan.thread_rules import (
 from criu_xstate.x86.xfeatures import PKRU
 
 
-def _judge_state(f: FrameFacts, out: list[Finding]) -> None:
+def _judge_state(f: FrameFacts, subject: str, out: list[Finding]) -> None:
     """Components, xstate_bv, PKRU and the SIGSEGV rules, in the order the findings are reported.
 
     PKRU is not a component here: STATE_RULES judge it both ways, then the one COMPONENT_OFFSET_MOVED
@@ -49,26 +49,26 @@ def _judge_state(f: FrameFacts, out: list[Finding]) -> None:
     """
     for c in f.components:
         if c.number != PKRU:
-            run_rules(fr.COMPONENT_RULES, f, c, f.subject, out)
-    run_rules(fr.STATE_RULES, f, None, f.subject, out)
+            run_rules(fr.COMPONENT_RULES, f, c, subject, out)
+    run_rules(fr.STATE_RULES, f, None, subject, out)
     if (pkru := f.carried_pkru) is not None:
-        run_rules((fr.OFFSET_MOVED,), f, pkru, f.subject, out)
-    run_rules(fr.SIGSEGV_RULES, f, None, f.subject, out)
+        run_rules((fr.OFFSET_MOVED,), f, pkru, subject, out)
+    run_rules(fr.SIGSEGV_RULES, f, None, subject, out)
 
 
 def _refused(out: list[Finding]) -> bool:
     return any(x.severity is Severity.REFUSE for x in out)
 
 
-def _judge_xsave_frame(f: FrameFacts) -> FrameDecision:
+def _judge_xsave_frame(f: FrameFacts, subject: str) -> FrameDecision:
     out: list[Finding] = []
-    if run_rules(fr.GATES, f, None, f.subject, out):
+    if run_rules(fr.GATES, f, None, subject, out):
         return FrameDecision(f.frame, FrameAction.REFUSE if _refused(out) else FrameAction.KEEP, tuple(out))
-    _judge_state(f, out)
+    _judge_state(f, subject, out)
     if _refused(out):
         return FrameDecision(f.frame, FrameAction.REFUSE, tuple(out))
     t = choose_target(f)
-    if run_rules(fr.SIZE_RULES, f, t, f.subject, out):
+    if run_rules(fr.SIZE_RULES, f, t, subject, out):
         return FrameDecision(f.frame, FrameAction.REFUSE, tuple(out))
     sw = f.frame.sw
     assert sw is not None
@@ -84,9 +84,10 @@ def plan_frame(
 ) -> FrameDecision:
     """Decide what one live frame needs on ``dest``; compat frames that would need a change are refused."""
     facts = frame_facts(frame, dest, source, allow_relocation=allow_relocation)
-    decision = _judge_xsave_frame(facts)
+    subject = facts.subject  # the findings of every table name it: formatted once
+    decision = _judge_xsave_frame(facts, subject)
     out: list[Finding] = []
-    run_rules(fr.IA32_RULES, facts, decision, facts.subject, out)
+    run_rules(fr.IA32_RULES, facts, decision, subject, out)
     if not out:
         return decision
     return FrameDecision(frame, FrameAction.REFUSE, (*out, *decision.findings))
@@ -98,14 +99,14 @@ def plan_thread_state(state: ThreadState, dest: HostFacts) -> list[Finding]:
 
 
 def _judge_thread_state(t: ThreadFacts) -> list[Finding]:
-    state = t.state
+    state, subject = t.state, t.subject
     out: list[Finding] = []
-    run_rules(THREAD_RULES, t, None, t.subject, out)
+    run_rules(THREAD_RULES, t, None, subject, out)
     for why in state.unreadable:
-        run_rules(STACK_RULES, t, why, t.subject, out)
+        run_rules(STACK_RULES, t, why, subject, out)
     for n in t.absent_components():
-        run_rules(ABSENT_COMPONENT_RULES, t, n, t.subject, out)
-    run_rules(PKRU_RULES, t, None, t.subject, out)
+        run_rules(ABSENT_COMPONENT_RULES, t, n, subject, out)
+    run_rules(PKRU_RULES, t, None, subject, out)
     return out
 
 

@@ -9,7 +9,6 @@ PKRU_RULES once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 from criu_xstate.model import ThreadState
 from criu_xstate.plan.findings import Hit, Rule, Severity
@@ -22,8 +21,8 @@ class ThreadFacts:
     state: ThreadState
     dest: HostFacts
 
-    @cached_property
-    def subject(self) -> str:  # every rule table's findings name it
+    @property
+    def subject(self) -> str:
         return f"tid {self.state.tid} registers"
 
     def absent_components(self) -> list[int]:
