@@ -399,3 +399,34 @@ def test_show_looks_up_each_stack_mapping_by_bisection(
     assert main(["show", str(tmp_path / "ck"), "--json"]) == 0
     capsys.readouterr()
     assert calls["n"] <= 300 * 4  # a few per thread, not one per mapping
+
+
+def test_plan_parses_each_anchor_once_and_indexes_sigactions_once_per_process(
+    checkpoints: dict[float, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Frame discovery per thread: the restorer index is the process's (made once, not per thread),
+    each anchor's candidate is parsed once (the survey's quick pass and the report share it), and
+    evidence strings are made only for frames that are reported (one live frame per thread here)."""
+    from criu_xstate import frames
+
+    seen = {"index": 0, "parsed": 0, "evidence": 0}
+    index_init, candidate, run_checks = frames.SigactionIndex.__init__, frames._candidate, frames._run_checks
+
+    def counted_index(self: frames.SigactionIndex, *args: object) -> None:
+        seen["index"] += 1
+        index_init(self, *args)  # type: ignore[arg-type]
+
+    def counted_candidate(*args: object) -> object:
+        seen["parsed"] += 1
+        return candidate(*args)  # type: ignore[arg-type]
+
+    def counted_checks(*args: object) -> object:
+        seen["evidence"] += 1
+        return run_checks(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(frames.SigactionIndex, "__init__", counted_index)
+    monkeypatch.setattr(frames, "_candidate", counted_candidate)
+    monkeypatch.setattr(frames, "_run_checks", counted_checks)
+    assert main(["plan", str(checkpoints[0.25]), "--dest", DEST, "--json"]) == 0
+    capsys.readouterr()
+    assert seen == {"index": 1, "parsed": 12, "evidence": 12}
