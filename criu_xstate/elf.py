@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,8 +114,13 @@ class Elf:
     def executable_segments(self) -> tuple[Segment, ...]:
         return tuple(s for s in self.segments if s.flags & 1)
 
-    def symbols(self) -> dict[str, Symbol]:
-        """Defined symbols of .dynsym and .symtab by name (version suffixes are not part of the name)."""
+    def find_symbols(self, names: Iterable[str]) -> dict[str, Symbol]:
+        """The defined symbols of .dynsym and .symtab with these names, the first definition of each.
+
+        The string tables are searched for the names and only the entries that point at one are kept:
+        a static glibc has thousands of symbols and a plan needs two of them. A name is found wherever
+        it ends a string (linkers share tails: ``st_name`` may point into a longer name)."""
+        wanted = [n.encode("ascii") + b"\0" for n in names]
         out: dict[str, Symbol] = {}
         for sh_type, off, size, link, ent in self._sections:
             if sh_type not in (SHT_SYMTAB, SHT_DYNSYM):
@@ -125,15 +131,18 @@ class Elf:
             _, str_off, str_size, _, _ = self._sections[link]
             self._span(str_off, str_size, "string table")
             strtab = self.data[str_off : str_off + str_size]
-            for i in range(size // 24):
-                name_off, _, _, shndx, value, sym_size = struct.unpack_from(
-                    "<IBBHQQ", self.data, off + i * 24
-                )
-                if shndx == 0 or name_off >= len(strtab):
-                    continue
-                end = strtab.find(b"\0", name_off)
-                name = strtab[name_off : end if end >= 0 else len(strtab)].decode("ascii", "replace")
-                if name:
+            at: dict[int, str] = {}
+            for needle in wanted:
+                pos = strtab.find(needle)
+                while pos >= 0:
+                    at[pos] = needle[:-1].decode("ascii")
+                    pos = strtab.find(needle, pos + 1)
+            if not at:
+                continue
+            for name_off, _, _, shndx, value, sym_size in struct.iter_unpack(
+                "<IBBHQQ", self.data[off : off + size]
+            ):
+                if shndx != 0 and (name := at.get(name_off)) is not None:
                     out.setdefault(name, Symbol(name, value, sym_size))
         return out
 

@@ -176,10 +176,14 @@ def _version(elf: Elf) -> str | None:
     return m.group(1).decode() if m else None
 
 
+# The two ways glibc's start-up code names cpu_features (read_code).
+CPU_FEATURES_SYMBOLS = ("_dl_x86_get_cpu_features", "_dl_x86_cpu_features")
+
+
 def read_code(elf: Elf) -> _Code:
     """Where cpu_features is: named by ld.so's ``_dl_x86_get_cpu_features`` (lea ...(%rip), %rax), or
     in a static executable by its own symbol ``_dl_x86_cpu_features`` (.symtab: not when stripped)."""
-    syms = elf.symbols()
+    syms = elf.find_symbols(CPU_FEATURES_SYMBOLS)
     getter = syms.get("_dl_x86_get_cpu_features")
     if getter is not None:
         head = elf.read(getter.value, 7)
@@ -269,7 +273,7 @@ def read_glibc(
         elf = cache.get(path)
         if (bad := _file_matches(elf, reg)) is not None:
             return GlibcUnread(proc.pid, reg.name, bad)
-        if static and not {"_dl_x86_get_cpu_features", "_dl_x86_cpu_features"} & elf.symbols().keys():
+        if static and not elf.find_symbols(CPU_FEATURES_SYMBOLS):
             return None  # a static executable without glibc's x86 start-up (or stripped): nothing to say
         code = read_code(elf)
     except ElfError as exc:
