@@ -296,6 +296,16 @@ GC_THRESHOLD = (200_000, 30, 30)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return _guarded(lambda: _run(argv))
+
+
+def hook_main() -> int:
+    """What the installed action script runs: `criu-xstate hook` without the command line, whose
+    parser of every command is ~10 ms of each restore; the same signals, collector and exit codes."""
+    return _guarded(lambda: _dispatch(_cmd_hook, argparse.Namespace()))
+
+
+def _guarded(command: Callable[[], int]) -> int:
     previous: dict[int, object] = {}
     for signo in (signal.SIGTERM, signal.SIGHUP):
         with contextlib.suppress(ValueError):  # not the main thread (embedded use): leave them alone
@@ -303,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     thresholds = gc.get_threshold()
     gc.set_threshold(*GC_THRESHOLD)
     try:
-        return _run(argv)
+        return command()
     finally:
         gc.set_threshold(*thresholds)
         if (report_json := sys.modules.get("criu_xstate.report.json")) is not None:
@@ -324,7 +334,10 @@ def _run(argv: Sequence[str] | None) -> int:
         from criu_xstate.report import json as report_json
 
         report_json.PRETTY = True
-    handler: Handler = args.handler
+    return _dispatch(args.handler, args)
+
+
+def _dispatch(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except CriuXstateError as exc:

@@ -55,13 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _destination(dest: str) -> HostFacts:
-    import socket
-
     from criu_xstate import hosts, profiles
     from criu_xstate.plan import facts_from_profile
 
     if dest == "probe":
-        profile = hosts.probe_local(socket.gethostname())
+        profile = hosts.probe_local(os.uname().nodename)  # gethostname(), without the socket module
     else:
         try:
             profile = hosts.load_profile(Path(profiles.resolve(dest)))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import criu_xstate
 from criu_xstate import hookconfig, profiles
 from criu_xstate.cli import main
 from criu_xstate.errors import ProfileError
@@ -61,6 +62,31 @@ def test_the_installed_script_runs_the_hook_with_its_policy_under_a_bare_environ
     r = subprocess.run([str(script)], env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "COMPONENT_IN_USE_MISSING_ON_DEST" in r.stderr, r.stderr
     assert sorted(p.name for p in ck.iterdir()) == sorted(p.name for p in FIXTURE.iterdir())
+
+
+def test_the_installed_script_ignores_the_runtimes_python_environment(tmp_path: Path) -> None:
+    """The script runs Python isolated, without site, from the directories named at install time: a
+    PYTHONPATH (or PYTHONSTARTUP, a user site) in a runtime's environment cannot put other code in the
+    hook, and the installation's own modules are found without site's help."""
+    script, _, _ = _install(tmp_path, "--dest", "amd-zen2")
+    decoy = tmp_path / "decoy" / "criu_xstate"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise SystemExit(42)\n")
+    (tmp_path / "startup.py").write_text("raise SystemExit(43)\n")
+    ck = tmp_path / "ck"
+    shutil.copytree(FIXTURE, ck)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "CRTOOLS_SCRIPT_ACTION": "pre-restore",
+        "CRTOOLS_IMAGE_DIR": str(ck),
+        "PYTHONPATH": str(decoy.parent),
+        "PYTHONSTARTUP": str(tmp_path / "startup.py"),
+        "PYTHONHOME": str(tmp_path / "nowhere"),
+    }
+    r = subprocess.run([str(script)], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "COMPONENT_IN_USE_MISSING_ON_DEST" in r.stderr, r.stderr
+    text = script.read_text()
+    assert json.dumps(str(Path(criu_xstate.__file__).resolve().parents[1])) in text and " -I -S " in text
 
 
 @pytest.mark.parametrize(
