@@ -365,7 +365,6 @@ class _Candidate:
         "fields",
         "reader",
         "restorers",
-        "sw",
         "xsave",
     )
 
@@ -379,7 +378,6 @@ class _Candidate:
         self.xsave = None if not fpstate else fpstate if abi is Abi.X86_64 else fpstate + IA32_FSAVE_HEADER
         self._probe: SwBytes | str | None = None
         self._probed = False
-        self.sw: SwBytes | None = None  # set by probe(): the image's sw bytes when they hold
         self._region: tuple[int, int] | None = None
         self._region_known = False
 
@@ -391,10 +389,15 @@ class _Candidate:
         """The image's sw bytes, or why it fails; None when there is no aligned image to probe."""
         if not self._probed:
             xsave = self.xsave
-            self._probe = probe = None if xsave is None or xsave % XSAVE_ALIGN else self.reader.probe(xsave)
-            self.sw = probe if isinstance(probe, SwBytes) else None
+            self._probe = None if xsave is None or xsave % XSAVE_ALIGN else self.reader.probe(xsave)
             self._probed = True
         return self._probe
+
+    @property
+    def sw(self) -> SwBytes | None:
+        """The image's sw bytes when they hold (probed on first use, like ``probe``)."""
+        probe = self.probe()
+        return probe if isinstance(probe, SwBytes) else None
 
     def same_region(self, addr: int) -> bool:
         """Is ``addr`` on the mapping that holds the frame?"""
@@ -475,7 +478,6 @@ def _fpstate_64_ok(c: _Candidate) -> bool:
         return True
     if fpstate % XSAVE_ALIGN:
         return False
-    c.probe()
     return c.sw is not None
 
 
@@ -484,12 +486,12 @@ def _fpstate_64(c: _Candidate) -> str:
         return "no FPU context (fpstate NULL): nothing to translate"
     if c.fpstate % XSAVE_ALIGN:
         return f"fpstate 0x{c.fpstate:x} is not 64-byte aligned"
-    probe = c.probe()
-    if c.sw is None:
-        return str(probe)
-    if c.sw.fxsave_only:
+    sw = c.sw
+    if sw is None:
+        return str(c.probe())
+    if sw.fxsave_only:
         return f"fpstate 0x{c.fpstate:x}: magic1, FXSAVE image (512 bytes, no magic2)"
-    return f"fpstate 0x{c.fpstate:x}: magic1, xstate_size {c.sw.xstate_size}, magic2 ok"
+    return f"fpstate 0x{c.fpstate:x}: magic1, xstate_size {sw.xstate_size}, magic2 ok"
 
 
 def _fpstate_ia32_ok(c: _Candidate) -> bool | None:
@@ -497,17 +499,16 @@ def _fpstate_ia32_ok(c: _Candidate) -> bool | None:
         return None  # no FPU context: nothing to check
     if c.xsave % XSAVE_ALIGN:
         return False
-    c.probe()
     return c.sw is not None
 
 
 def _fpstate_ia32(c: _Candidate) -> str:
     if c.xsave is not None and c.xsave % XSAVE_ALIGN:
         return f"XSAVE image 0x{c.xsave:x} is not 64-byte aligned"
-    probe = c.probe()
-    if c.sw is None:
-        return str(probe)
-    return f"fpstate 0x{c.fpstate:x}, xstate_size {c.sw.xstate_size}"
+    sw = c.sw
+    if sw is None:
+        return str(c.probe())
+    return f"fpstate 0x{c.fpstate:x}, xstate_size {sw.xstate_size}"
 
 
 def _frame_end(c: _Candidate) -> int:
@@ -515,8 +516,8 @@ def _frame_end(c: _Candidate) -> int:
     isp, end = c.fields["sp"], c.address + RT_SIGFRAME_SIZE
     fpstate = c.fields["fpstate"]
     if fpstate and c.address < fpstate < isp:
-        c.probe()
-        end = max(end, fpstate + (c.sw.frame_bytes if c.sw else 0))
+        sw = c.sw
+        end = max(end, fpstate + (sw.frame_bytes if sw else 0))
     return end
 
 
@@ -604,7 +605,6 @@ def _frame_of(
     while its handler runs) names its signal when siginfo does not, and ``with_image`` reads its image
     (see :func:`_with_image`)."""
     f = c.fields
-    c.probe()
     if c.abi is Abi.X86_64:
         signo = _signo_for(f["si_signo"], f["pretcode"], sigactions)
         uc_flags, sigmask = f["uc_flags"], f["sigmask"]
