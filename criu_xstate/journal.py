@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import itertools
 import json
 from collections.abc import Iterable, Mapping
@@ -100,6 +99,8 @@ def overlay(regions: Iterable[tuple[int, bytes]], offset: int, data: bytes) -> t
 
 
 def sha256(data: bytes) -> str:
+    import hashlib  # only when a journal is written or checked (not by the hook's common case)
+
     return hashlib.sha256(data).hexdigest()
 
 
