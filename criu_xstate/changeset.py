@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 from criu_xstate.errors import ApplyError, MemoryUnreadable
 from criu_xstate.images.addrspace import PAGE, VMA_ANON_PRIVATE, VMA_AREA_REGULAR
-from criu_xstate.images.framing import CORE, MM, encode_image
+from criu_xstate.images.framing import CORE, MM, encode_image, read_file
 from criu_xstate.images.pagemap import PE_PARENT, append_run
 from criu_xstate.images.pb import core_pb2, mm_pb2
+from criu_xstate.images.rewrite import single_pb
 from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
 from criu_xstate.plan import FrameAction, HostFacts, Plan
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
@@ -68,8 +69,8 @@ def _core_change(proc: Process, tid: int, drop: int, pkru: int | None) -> FileWr
     if not drop and pkru is None:
         return None
     path = proc.checkpoint.path_of(f"core-{tid}.img")
-    core = core_pb2.core_entry()
-    core.CopyFrom(proc.checkpoint.core(tid))
+    old = read_file(path)
+    core = single_pb(old, CORE, core_pb2.core_entry, path)  # protobuf: it writes the entry back
     xs = core.thread_info.fpregs.xsave
     xs.xstate_bv = int(xs.xstate_bv) & ~drop
     for n, name in XSAVE_FIELDS.items():
@@ -79,9 +80,7 @@ def _core_change(proc: Process, tid: int, drop: int, pkru: int | None) -> FileWr
         xs.xstate_bv = int(xs.xstate_bv) | 1 << PKRU
         del xs.pkru[:]
         xs.pkru.extend([pkru, 0])  # the 8-byte component as CRIU stores it: PKRU, then 4 padding bytes
-    return FileWrite(
-        path.name, path.read_bytes(), encode_image(CORE.head, CORE.magic, [core.SerializeToString()])
-    )
+    return FileWrite(path.name, old, encode_image(CORE.head, CORE.magic, [core.SerializeToString()]))
 
 
 def _byte_edits(
@@ -143,7 +142,9 @@ def _place(proc: Process, size: int) -> int:
 
 def _mm_with(proc: Process, start: int, size: int) -> FileWrite:
     """mm-<pid>.img with an anonymous private read-write VMA [start, start + size) added in order."""
-    mm = proc.checkpoint.mm(proc.pid)
+    path = proc.checkpoint.path_of(f"mm-{proc.pid}.img")
+    old = read_file(path)
+    mm = single_pb(old, MM, mm_pb2.mm_entry, path)  # protobuf: it writes the entry back
     template = next((v for v in mm.vmas if int(v.status) & VMA_ANON_PRIVATE), None)
     vma = mm_pb2.vma_entry()
     if template is not None:
@@ -155,10 +156,7 @@ def _mm_with(proc: Process, start: int, size: int) -> FileWrite:
     new_mm.CopyFrom(mm)
     del new_mm.vmas[:]
     new_mm.vmas.extend(sorted([*mm.vmas, vma], key=lambda v: int(v.start)))  # CRIU requires address order
-    path = proc.checkpoint.path_of(f"mm-{proc.pid}.img")
-    return FileWrite(
-        path.name, path.read_bytes(), encode_image(MM.head, MM.magic, [new_mm.SerializeToString()])
-    )
+    return FileWrite(path.name, old, encode_image(MM.head, MM.magic, [new_mm.SerializeToString()]))
 
 
 def _pagemap_with(proc: Process, start: int, size: int) -> FileWrite:

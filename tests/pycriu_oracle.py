@@ -84,6 +84,13 @@ def normalized(ref: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _pagemap_entries(path: Path) -> list[Any]:
+    from criu_xstate.images import framing
+
+    raw = framing.read_raw(path, framing.PAGEMAP)
+    return [framing.decode(p, framing.PAGEMAP_ENTRY, raw.path, i) for i, p in enumerate(raw.payloads) if i]
+
+
 def ours(images: Path) -> dict[str, Any]:
     """The same fields as criu-xstate's decoder reads them."""
     with open_checkpoint(images) as ck:
@@ -93,7 +100,7 @@ def ours(images: Path) -> dict[str, Any]:
         pagemap = {
             p: [
                 [int(e.vaddr), int(e.nr_pages or e.compat_nr_pages), int(e.flags)]
-                for e in ck.pagemap(p).entries
+                for e in _pagemap_entries(ck.path_of(f"pagemap-{p}.img"))
             ]
             for p in pids
         }

@@ -13,7 +13,8 @@ import pytest
 from criu_xstate.cli import main
 from criu_xstate.frames import Liveness
 from criu_xstate.images import open_checkpoint
-from criu_xstate.images.framing import MESSAGE_KINDS, kind_of, read_messages, read_pagemap
+from criu_xstate.images.framing import MESSAGE_KINDS, kind_of
+from criu_xstate.images.rewrite import PB_TYPES, read_pagemap, read_pb_messages
 from criu_xstate.model import load_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -81,8 +82,8 @@ def test_every_image_round_trips_byte_identically(mode: str) -> None:
         if kind == "pagemap":
             assert read_pagemap(path).encode() == data, path.name
         else:
-            img_kind, cls = MESSAGE_KINDS[kind]
-            assert read_messages(path, img_kind, cls).encode() == data, path.name
+            img_kind, name = MESSAGE_KINDS[kind]
+            assert read_pb_messages(path, img_kind, PB_TYPES[name]).encode() == data, path.name
         checked += 1
     assert checked >= 5
 

@@ -82,11 +82,12 @@ def test_an_mm_image_with_more_areas_than_linux_maps_is_refused(
     ck: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from criu_xstate.images.checkpoint import MAX_VMAS
-    from criu_xstate.images.framing import MM, read_single
+    from criu_xstate.images.framing import MM
     from criu_xstate.images.pb import mm_pb2
+    from criu_xstate.images.rewrite import single_pb
 
     path = next(ck.glob("mm-*.img"))
-    mm = read_single(path, MM, mm_pb2.mm_entry)
+    mm = single_pb(path.read_bytes(), MM, mm_pb2.mm_entry, path)
     vma = mm.vmas[0].SerializeToString()
     tag = _varint(mm_pb2.mm_entry.DESCRIPTOR.fields_by_name["vmas"].number << 3 | 2)
     payload = mm.SerializeToString() + (tag + _varint(len(vma)) + vma) * (MAX_VMAS + 1 - len(mm.vmas))

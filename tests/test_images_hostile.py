@@ -130,7 +130,7 @@ def test_framing_rejects_entry_size_past_end() -> None:
 
 
 def test_lazy_stack_pages_are_unreadable_and_refused(ck: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from criu_xstate.images.framing import Pagemap, read_pagemap
+    from criu_xstate.images.rewrite import Pagemap, read_pagemap
 
     pm = read_pagemap(ck / f"pagemap-{PID}.img")
     entries = []
@@ -322,7 +322,7 @@ def test_a_zstd_archive_with_many_members_streams_in_bounded_memory(tmp_path: Pa
 
 def _all_pages_in_parent(d: Path) -> None:
     """Rewrite the pagemap as an incremental dump's: every run PE_PARENT."""
-    from criu_xstate.images.framing import Pagemap, read_pagemap
+    from criu_xstate.images.rewrite import Pagemap, read_pagemap
 
     pm = read_pagemap(d / f"pagemap-{PID}.img")
     entries = []

@@ -70,7 +70,7 @@ def _reference(data: bytes) -> list[tuple[int, int, int, int]] | str:
     """The old decoder: protobuf per entry, the old validation, then contiguous runs merged."""
     try:
         raw = framing.split_image(data, PAGEMAP, "pm")
-        entries = [framing.decode(p, pagemap_pb2.pagemap_entry, "pm", i) for i, p in enumerate(raw.payloads)]
+        entries = [framing.decode(p, framing.PAGEMAP_ENTRY, "pm", i) for i, p in enumerate(raw.payloads)]
     except ImageError:
         return "error"
     if not entries:

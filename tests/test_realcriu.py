@@ -250,12 +250,11 @@ def test_cpuinfo_img_is_a_partial_profile_of_this_host(
 ) -> None:
     """`criu cpuinfo dump` writes what `criu dump --cpu-cap` records; read it with its quirks."""
     from criu_xstate import hosts
-    from criu_xstate.images.framing import CPUINFO, read_single
-    from criu_xstate.images.pb import cpuinfo_pb2
+    from criu_xstate.images.framing import CPUINFO, CPUINFO_ENTRY, read_single
     from tests.realcriu import criu as run_criu
 
     run_criu("cpuinfo", "dump", "-D", str(tmp_path), log_dir=tmp_path, log="cpuinfo.log")
-    entry = read_single(tmp_path / "cpuinfo.img", CPUINFO, cpuinfo_pb2.cpuinfo_entry).x86_entry[0]
+    entry = read_single(tmp_path / "cpuinfo.img", CPUINFO, CPUINFO_ENTRY).x86_entry[0]
     partial = hosts.profile_from_cpuinfo_img(entry)
     me = hosts.load_profile(Path(here))
     assert (partial.vendor, partial.family, partial.model) == (me.cpu.vendor, me.cpu.family, me.cpu.model)

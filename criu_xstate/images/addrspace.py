@@ -22,7 +22,7 @@ from pathlib import Path
 from criu_xstate.errors import ImageError, MemoryUnreadable
 from criu_xstate.images.framing import open_image
 from criu_xstate.images.pagemap import NO_OFFSET, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT, PagemapRuns
-from criu_xstate.images.pb import mm_pb2
+from criu_xstate.images.wire import Message
 
 __all__ = ["PAGE", "PE_LAZY", "PE_PARENT", "PE_PRESENT", "AddressSpace", "Run"]
 VMA_AREA_REGULAR = 1 << 0
@@ -51,7 +51,7 @@ class AddressSpace:
         self,
         directory: Path,
         pagemap: PagemapRuns,
-        mm: mm_pb2.mm_entry,
+        mm: Message,
         parent: AddressSpace | None = None,
         *,
         pagemap_path: str = "pagemap",

@@ -21,7 +21,7 @@ from criu_xstate.errors import ImageError
 from criu_xstate.images import framing
 from criu_xstate.images.addrspace import AddressSpace
 from criu_xstate.images.pagemap import PagemapRuns, read_pagemap_runs
-from criu_xstate.images.pb import core_pb2, cpuinfo_pb2, inventory_pb2, mm_pb2, pstree_pb2
+from criu_xstate.images.wire import Message
 
 if TYPE_CHECKING:  # archives and container metadata are imported when a command meets them: a plan of
     import tarfile  # an images directory does not pay for tarfile, hashlib and tempfile at start-up
@@ -48,9 +48,8 @@ class Checkpoint:
         if not os.path.lexists(directory / "inventory.img"):
             raise ImageError(directory / "inventory.img", "missing: not a CRIU images directory")
         os.close(framing.open_image(directory / "inventory.img"))  # a regular file, not a link or FIFO
-        self._cores: dict[int, core_pb2.core_entry] = {}
-        self._mms: dict[int, mm_pb2.mm_entry] = {}
-        self._pagemaps: dict[int, framing.Pagemap] = {}
+        self._cores: dict[int, Message] = {}
+        self._mms: dict[int, Message] = {}
         self._spaces: dict[int, AddressSpace] = {}
 
     def path_of(self, name: str) -> Path:
@@ -68,50 +67,42 @@ class Checkpoint:
             raise ImageError(link, f"parent link points to {target}, which is not a directory")
         return Checkpoint(target, depth=self._depth + 1)
 
-    def inventory(self) -> inventory_pb2.inventory_entry:
-        return framing.read_single(
-            self.dir / "inventory.img", framing.INVENTORY, inventory_pb2.inventory_entry
-        )
+    def inventory(self) -> Message:
+        return framing.read_single(self.dir / "inventory.img", framing.INVENTORY, framing.INVENTORY_ENTRY)
 
-    def pstree(self) -> list[pstree_pb2.pstree_entry]:
-        img = framing.read_messages(self.dir / "pstree.img", framing.PSTREE, pstree_pb2.pstree_entry)
+    def pstree(self) -> list[Message]:
+        img = framing.read_messages(self.dir / "pstree.img", framing.PSTREE, framing.PSTREE_ENTRY)
         if not img.entries:
             raise ImageError(self.dir / "pstree.img", "no processes")
         return list(img.entries)
 
-    def core(self, tid: int) -> core_pb2.core_entry:
+    def core(self, tid: int) -> Message:
         if tid not in self._cores:
             path = self.dir / f"core-{tid}.img"
-            self._cores[tid] = framing.read_single(path, framing.CORE, core_pb2.core_entry)
+            self._cores[tid] = framing.read_single(path, framing.CORE, framing.CORE_ENTRY)
         return self._cores[tid]
 
-    def mm(self, pid: int) -> mm_pb2.mm_entry:
+    def mm(self, pid: int) -> Message:
         if pid not in self._mms:
             path = self.dir / f"mm-{pid}.img"
-            mm = framing.read_single(path, framing.MM, mm_pb2.mm_entry)
+            mm = framing.read_single(path, framing.MM, framing.MM_ENTRY)
             if len(mm.vmas) > MAX_VMAS:
                 raise ImageError(path, f"{len(mm.vmas)} memory areas (limit {MAX_VMAS})")
             self._mms[pid] = mm
         return self._mms[pid]
 
-    def pagemap(self, pid: int) -> framing.Pagemap:
-        """Every entry as a protobuf message (a relocation appends one); lookups use :meth:`runs`."""
-        if pid not in self._pagemaps:
-            self._pagemaps[pid] = framing.read_pagemap(self.dir / f"pagemap-{pid}.img")
-        return self._pagemaps[pid]
-
     def runs(self, pid: int) -> PagemapRuns:
         """The pagemap as compact runs, decoded once (remembered by content)."""
         return read_pagemap_runs(self.dir / f"pagemap-{pid}.img")
 
-    def cpuinfo(self) -> cpuinfo_pb2.cpuinfo_x86_entry | None:
+    def cpuinfo(self) -> Message | None:
         path = self.dir / "cpuinfo.img"
         if not os.path.lexists(path):  # a dangling link is refused by open_image, not ignored
             return None
-        entry = framing.read_single(path, framing.CPUINFO, cpuinfo_pb2.cpuinfo_entry)
+        entry = framing.read_single(path, framing.CPUINFO, framing.CPUINFO_ENTRY)
         return entry.x86_entry[0] if entry.x86_entry else None
 
-    def address_space(self, pid: int, mm: mm_pb2.mm_entry | None = None) -> AddressSpace:
+    def address_space(self, pid: int, mm: Message | None = None) -> AddressSpace:
         """The process's memory as this checkpoint and its parents hold it. A parent is read with the
         child's mappings (``mm``): CRIU restores the final dump's VMAs and takes only pages from the
         parent, and a pre-dump writes no mm-<pid>.img at all (measured: criu pre-dump in a QEMU guest)."""

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 from criu_xstate.images.checkpoint import Checkpoint
 from criu_xstate.images.framing import IMG_COMMON_MAGIC, ImageKind, read_messages
-from criu_xstate.images.pb import files_pb2
+from criu_xstate.images.wire import message_type
 
 FILES = ImageKind("files", 0x56303138, IMG_COMMON_MAGIC)
 FD_TYPE_REG = 1
 MAX_FILES = 1 << 18
+FILE_ENTRY = message_type("file_entry")
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def read_reg_files(ck: Checkpoint) -> dict[int, RegFile]:
     if not path.exists():
         return {}
     out: dict[int, RegFile] = {}
-    for e in read_messages(path, FILES, files_pb2.file_entry, MAX_FILES).entries:
+    for e in read_messages(path, FILES, FILE_ENTRY, MAX_FILES).entries:
         if int(e.type) != FD_TYPE_REG or not e.HasField("reg"):
             continue
         r = e.reg

@@ -2,7 +2,9 @@
 
 ``inventory.img`` has no head magic; raw images (``pages-*.img``) have no header at all and are never
 read through this module. Every size is checked against the bytes that are really there, and each
-entry is bounded, so a hostile image gives one clear :class:`ImageError` naming the file.
+entry is bounded, so a hostile image gives one clear :class:`ImageError` naming the file. Entries are
+decoded by :mod:`criu_xstate.images.wire`; :mod:`criu_xstate.images.rewrite` decodes them with protobuf
+for the commands that write images.
 """
 
 from __future__ import annotations
@@ -15,17 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from google.protobuf.message import DecodeError, Message
-
 from criu_xstate.errors import ImageError
-from criu_xstate.images.pb import (
-    core_pb2,
-    cpuinfo_pb2,
-    inventory_pb2,
-    mm_pb2,
-    pagemap_pb2,
-    pstree_pb2,
-)
+from criu_xstate.images import wire
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
@@ -53,7 +46,7 @@ MM = ImageKind("mm", 0x57492820, IMG_COMMON_MAGIC)
 PAGEMAP = ImageKind("pagemap", 0x56084025, IMG_COMMON_MAGIC)
 CPUINFO = ImageKind("cpuinfo", 0x61404013, IMG_COMMON_MAGIC)
 
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound=wire.Message)
 
 
 @dataclass(frozen=True)
@@ -190,12 +183,10 @@ def read_raw(path: Path, kind: ImageKind, max_entries: int = MAX_ENTRIES) -> Raw
 
 
 def decode(payload: bytes, cls: type[M], path: str, index: int) -> M:
-    msg = cls()
     try:
-        msg.ParseFromString(payload)
-    except (DecodeError, RuntimeWarning, ValueError) as exc:
-        raise ImageError(path, f"entry {index}: not a valid {cls.DESCRIPTOR.name}: {exc}") from None
-    return msg
+        return wire.decode(cls, payload)
+    except wire.DecodeError as exc:
+        raise ImageError(path, f"entry {index}: not a valid {cls.NAME}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -204,9 +195,6 @@ class Image(Generic[M]):
 
     raw: RawImage
     entries: tuple[M, ...]
-
-    def encode(self) -> bytes:
-        return encode_image(self.raw.head, self.raw.magic, [e.SerializeToString() for e in self.entries])
 
 
 def read_messages(path: Path, kind: ImageKind, cls: type[M], max_entries: int = MAX_ENTRIES) -> Image[M]:
@@ -217,42 +205,27 @@ def read_messages(path: Path, kind: ImageKind, cls: type[M], max_entries: int = 
 def read_single(path: Path, kind: ImageKind, cls: type[M]) -> M:
     img = read_messages(path, kind, cls, max_entries=1)  # a second entry is refused before decoding
     if len(img.entries) != 1:
-        raise ImageError(path, f"expected one {cls.DESCRIPTOR.name} entry, found {len(img.entries)}")
+        raise ImageError(path, f"expected one {cls.NAME} entry, found {len(img.entries)}")
     return img.entries[0]
 
 
-@dataclass(frozen=True)
-class Pagemap:
-    raw: RawImage
-    head: pagemap_pb2.pagemap_head
-    entries: tuple[pagemap_pb2.pagemap_entry, ...]
-
-    def encode(self) -> bytes:
-        payloads = [self.head.SerializeToString(), *(e.SerializeToString() for e in self.entries)]
-        return encode_image(self.raw.head, self.raw.magic, payloads)
-
-
-def read_pagemap(path: Path) -> Pagemap:
-    """Every entry as a message (for rewriting it); lookups use :mod:`criu_xstate.images.pagemap`."""
-    global PAGEMAP_DECODES
-    PAGEMAP_DECODES += 1
-    raw = read_raw(path, PAGEMAP)
-    if not raw.payloads:
-        raise ImageError(path, "pagemap has no head entry")
-    head = decode(raw.payloads[0], pagemap_pb2.pagemap_head, raw.path, 0)
-    entries = tuple(
-        decode(p, pagemap_pb2.pagemap_entry, raw.path, i + 1) for i, p in enumerate(raw.payloads[1:])
-    )
-    return Pagemap(raw, head, entries)
+# The entry types of protos/ by image kind (wire.message_type(name) reads one, rewrite.PB_TYPES writes it).
+INVENTORY_ENTRY = wire.message_type("inventory_entry")
+PSTREE_ENTRY = wire.message_type("pstree_entry")
+CORE_ENTRY = wire.message_type("core_entry")
+MM_ENTRY = wire.message_type("mm_entry")
+CPUINFO_ENTRY = wire.message_type("cpuinfo_entry")
+PAGEMAP_HEAD = wire.message_type("pagemap_head")
+PAGEMAP_ENTRY = wire.message_type("pagemap_entry")
 
 
-# Kinds with their message types, for generic tools (round-trip tests, `show --raw`).
-MESSAGE_KINDS: dict[str, tuple[ImageKind, type[Message]]] = {
-    "inventory": (INVENTORY, inventory_pb2.inventory_entry),
-    "pstree": (PSTREE, pstree_pb2.pstree_entry),
-    "core": (CORE, core_pb2.core_entry),
-    "mm": (MM, mm_pb2.mm_entry),
-    "cpuinfo": (CPUINFO, cpuinfo_pb2.cpuinfo_entry),
+# Kinds with the name of their entries' message, for generic tools (round-trip tests).
+MESSAGE_KINDS: dict[str, tuple[ImageKind, str]] = {
+    "inventory": (INVENTORY, "inventory_entry"),
+    "pstree": (PSTREE, "pstree_entry"),
+    "core": (CORE, "core_entry"),
+    "mm": (MM, "mm_entry"),
+    "cpuinfo": (CPUINFO, "cpuinfo_entry"),
 }
 
 

@@ -113,9 +113,7 @@ def decode_entry_fast(p: bytes) -> tuple[int | None, ...] | None:
 
 
 def _decode_entry_pb(p: bytes, path: str, index: int) -> tuple[int | None, ...]:
-    from criu_xstate.images.pb import pagemap_pb2
-
-    e = framing.decode(p, pagemap_pb2.pagemap_entry, path, index)
+    e = framing.decode(p, framing.PAGEMAP_ENTRY, path, index)
     names = ("vaddr", "compat_nr_pages", "in_parent", "flags", "nr_pages")
     return tuple(int(getattr(e, f)) if e.HasField(f) else None for f in names)
 
@@ -257,9 +255,7 @@ def decode_pagemap(data: bytes, path: str) -> PagemapRuns:
     payload, pos = framing.next_entry(data, pos, path, 0)
     if payload is None:
         raise ImageError(path, "pagemap has no head entry")
-    from criu_xstate.images.pb import pagemap_pb2
-
-    pages_id = int(framing.decode(payload, pagemap_pb2.pagemap_head, path, 0).pages_id)
+    pages_id = int(framing.decode(payload, framing.PAGEMAP_HEAD, path, 0).pages_id)
     b = _Builder(path)
     index = _decode_entries(b, data, pos, 0)
     return PagemapRuns(head, magic, payload, pages_id, b.starts, b.pages, b.flags, b.offsets, index, b.modern)
@@ -353,14 +349,12 @@ def _remember(data: bytes, runs: PagemapRuns) -> None:
 
 def read_pages_id(path: Path) -> int:
     """``pages_id`` from the head entry alone (the entries are not decoded)."""
-    from criu_xstate.images.pb import pagemap_pb2
-
     data = framing.read_file(path)
     _, _, pos = framing.split_header(data, framing.PAGEMAP, str(path))
     payload, _ = framing.next_entry(data, pos, str(path), 0)
     if payload is None:
         raise ImageError(path, "pagemap has no head entry")
-    return int(framing.decode(payload, pagemap_pb2.pagemap_head, str(path), 0).pages_id)
+    return int(framing.decode(payload, framing.PAGEMAP_HEAD, str(path), 0).pages_id)
 
 
 def append_run(image: bytes, runs: PagemapRuns, vaddr: int, pages: int, flags: int = PE_PRESENT) -> bytes:
