@@ -45,6 +45,7 @@ class ProfileError(CriuXstateError):
 
     def __init__(self, source: str | Path | None, message: str) -> None:
         self.source = str(source) if source is not None else None
+        self.message = message
         super().__init__(f"{self.source}: {message}" if self.source else message)
 
 

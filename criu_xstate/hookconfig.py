@@ -16,6 +16,7 @@ itself; without it, ``/etc/criu-xstate/config.yaml`` is read if present. docs/ho
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,28 +64,50 @@ def _text(doc: Mapping[str, object], key: str, where: str) -> str | None:
     return value
 
 
+SETTINGS = ("dest", "mode", "relocate", "strict_isa", "log")
+# The policy as hook-install writes it and people edit it: `setting: word  # comment` lines. Such a
+# file is read without PyYAML (~13 ms of every hook); anything else goes to safeyaml. A word here is
+# what YAML 1.1 reads as a plain scalar: a bool or null when it is one of these words, else a string
+# (YAML's numbers, timestamps and `<<` / `=` all start with a character a word here cannot start with).
+_LINE = re.compile(  # a setting, its comment after a space (`a#b` is one word); or a comment; or blank
+    r"(?P<key>[a-z_]+): +(?P<value>[A-Za-z_/][A-Za-z0-9_./-]*)(?: +#[ -~]*| *)|(?: *#[ -~]*| *)"
+)
+_WORDS: dict[str, bool | None] = {
+    **{w: True for w in ("yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON")},
+    **{w: False for w in ("no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF")},
+    **{w: None for w in ("null", "Null", "NULL")},
+}
+
+
+def _flat(text: str) -> dict[str, object] | None:
+    """``text`` as ``yaml.safe_load`` reads it when it is only setting lines, comments and blank lines
+    (tests/test_hook_install.py compares the two on generated files); else None."""
+    doc: dict[str, object] = {}
+    for line in text.split("\n"):
+        m = _LINE.fullmatch(line)
+        if m is None:
+            return None
+        key, value = m["key"], m["value"]
+        if key is None:
+            continue
+        if key not in SETTINGS or key in doc:
+            return None  # safeyaml names the unknown or repeated setting
+        doc[key] = _WORDS.get(value, value)
+    return doc
+
+
 def parse(text: str, where: str) -> HookConfig:
-    import yaml
+    from criu_xstate import safeyaml
 
     if len(text) > MAX_CONFIG_BYTES:
         raise ProfileError(where, f"larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # no alias bombs, no tags: none has a use here
-            if (
-                isinstance(event, yaml.AliasEvent)
-                or getattr(event, "anchor", None)
-                or getattr(event, "tag", None)
-            ):
-                raise ProfileError(
-                    where, "YAML anchors, aliases and tags are not accepted in the hook config"
-                )
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ProfileError(where, f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    flat = _flat(text)
+    # safeyaml: no anchors, aliases, tags or repeated keys; bounded
+    doc = flat if flat is not None else safeyaml.load(text, where)
     doc = {} if doc is None else doc
     if not isinstance(doc, dict):
         raise ProfileError(where, "must be a mapping of settings")
-    unknown = set(doc) - {"dest", "mode", "relocate", "strict_isa", "log"}
+    unknown = set(doc) - set(SETTINGS)
     if unknown:
         raise ProfileError(where, f"unknown setting(s): {', '.join(sorted(map(str, unknown)))}")
     return HookConfig(
@@ -105,12 +128,12 @@ def load(env: Mapping[str, str] | None = None) -> HookConfig:
     path = Path(named) if named else DEFAULT_CONFIG
     config = HookConfig()
     if named or path.is_file():
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ProfileError(
-                path, f"cannot read the hook config: {getattr(exc, 'strerror', exc)}"
-            ) from None
+        from criu_xstate import safeyaml
+
+        try:  # a regular file only (a FIFO would hold the restore forever), bounded, UTF-8
+            text = safeyaml.read_text(path, MAX_CONFIG_BYTES)
+        except ProfileError as exc:
+            raise ProfileError(path, f"cannot read the hook config: {exc.message}") from None
         config = parse(text, str(path))
     overrides: dict[str, str] = {}
     if env.get("CRIU_XSTATE_DEST"):

@@ -316,6 +316,22 @@ def test_start_up_imports_only_what_the_command_needs() -> None:
     assert not heavy & hook
 
 
+def test_a_pre_restore_hook_with_nothing_to_write_imports_neither_protobuf_nor_yaml(tmp_path: Path) -> None:
+    """protobuf only writes (docs/wire.md); the policy hook-install writes is read without PyYAML."""
+    import shutil
+
+    from criu_xstate.commands.hookcmds import config_text
+
+    images = tmp_path / "images"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "plain", images)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_text("probe", "check"))
+    env = {"CRTOOLS_SCRIPT_ACTION": "pre-restore", "CRTOOLS_IMAGE_DIR": str(images)}
+    hook = _modules_after(["hook"], {**env, "CRIU_XSTATE_CONFIG": str(config)})
+    assert "criu_xstate.plan" in hook and "criu_xstate.model" in hook  # it did plan
+    assert not {"google.protobuf", "yaml", "criu_xstate.changeset"} & hook
+
+
 def _anchors_by_whole_search(
     buf: bytes, low: int, restorers: list[int], width: int, align_mod: int
 ) -> list[int]:
