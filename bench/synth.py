@@ -3,7 +3,11 @@ its own stack, plus an anonymous mapping of M GiB whose pages are all "present" 
 so it costs no disk). The images are real CRIU framing and protobuf; the frames are kernel-style
 (tests/framebuild.py placement). Each 64 KiB stack holds the top 64 KiB of a real dump's stack
 (tests/fixtures/siginfo: mostly zeroed pages with pointers and a frame near the top, as real stacks
-are) under the synthetic frame, so that scanning a stack costs what it costs on a real one."""
+are) under the synthetic frame, so that scanning a stack costs what it costs on a real one. Each core
+entry likewise carries a real thread's registers, FPU arrays and thread_core (tests/fixtures/threads,
+dumped on a Zen 4: ~1.7 KB, its XSAVE arrays for AVX and AVX-512) with only sp, ip and xstate_bv
+changed, so decoding a core costs what it costs on a real dump (a bare core of sp and ip decoded 20x
+faster: docs/wire.md)."""
 
 from __future__ import annotations
 
@@ -23,6 +27,15 @@ SA_SIGINFO_RESTORER = 0x04000004
 
 
 REAL_STACK = Path(__file__).parents[1] / "tests" / "fixtures" / "siginfo"
+REAL_THREAD_CORE = Path(__file__).parents[1] / "tests" / "fixtures" / "threads" / "core-6681.img"
+
+
+@functools.cache
+def real_thread_core() -> bytes:
+    """A non-leader thread's core entry from a real CRIU 4.1.1 dump."""
+    from criu_xstate.images.framing import read_raw
+
+    return read_raw(REAL_THREAD_CORE, CORE).payloads[0]
 
 
 @functools.cache
@@ -87,7 +100,7 @@ def build(dest: Path, threads: int, big_gib: float, *, criu_shaped: bool = False
             frame, _, data = frame_bytes(isp, restorer=RESTORER)
             os.pwrite(fd, real_stack_bytes(), offset_of[lo])
             os.pwrite(fd, data, offset_of[lo] + frame - lo)
-            core = core_pb2.core_entry(mtype=1)
+            core = core_pb2.core_entry.FromString(real_thread_core())
             ti = core.thread_info
             ti.gpregs.sp = frame - 256
             ti.gpregs.ip = 0x401000
@@ -103,6 +116,7 @@ def build(dest: Path, threads: int, big_gib: float, *, criu_shaped: bool = False
             else:
                 core.thread_core.futex_rla = 0
                 core.thread_core.futex_rla_len = 0
+            core.thread_core.blk_sigset = 0
             (dest / f"core-{tid}.img").write_bytes(
                 encode_image(CORE.head, CORE.magic, [core.SerializeToString()])
             )
