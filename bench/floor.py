@@ -2,12 +2,13 @@
 
     python -m bench.floor CHECKPOINT
 
-It decodes pstree, every core, mm and pagemap (protobuf for the first three, the compact pagemap
-decoder for the last, as plan does), and reads each thread's stack bytes: the mapping that holds its
-SP, from 64 KiB below SP (stale frames are looked for there) to the mapping's end, plus its
-sigaltstack when it has one: the bytes frame discovery scans. No frame is parsed, no plan is made,
-nothing is printed but a count. ``plan / floor`` (bench/__main__.py) is what plan spends above
-reading what it needs.
+It decodes pstree, every core, mm and pagemap (protobuf's C decoder, upb, for the first three: the
+fastest there is, faster per entry than the pure-Python images.wire that plan reads them with,
+docs/wire.md; the compact pagemap decoder for the last, as plan does), and reads each thread's stack
+bytes: the mapping that holds its SP, from 64 KiB below SP (stale frames are looked for there) to the
+mapping's end, plus its sigaltstack when it has one: the bytes frame discovery scans. No frame is
+parsed, no plan is made, nothing is printed but a count. ``plan / floor`` (bench/__main__.py) is what
+plan spends above reading what it needs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from criu_xstate.images import framing
 from criu_xstate.images.pagemap import NO_OFFSET, PAGE, read_pagemap_runs
 from criu_xstate.images.pb import core_pb2, mm_pb2, pstree_pb2
+from criu_xstate.images.rewrite import read_pb_messages
 
 STALE_WINDOW = 64 << 10  # frames.STALE_WINDOW
 
@@ -27,17 +29,18 @@ STALE_WINDOW = 64 << 10  # frames.STALE_WINDOW
 def floor(images: Path) -> int:
     """Bytes of stack read (from present pages; holes and parent pages count as zero-cost)."""
     total = 0
-    pstree = framing.read_messages(images / "pstree.img", framing.PSTREE, pstree_pb2.pstree_entry)
+    pstree = read_pb_messages(images / "pstree.img", framing.PSTREE, pstree_pb2.pstree_entry)
     for entry in pstree.entries:
         pid = int(entry.pid)
-        mm = framing.read_single(images / f"mm-{pid}.img", framing.MM, mm_pb2.mm_entry)
+        (mm,) = read_pb_messages(images / f"mm-{pid}.img", framing.MM, mm_pb2.mm_entry, 1).entries
         vmas = sorted((int(v.start), int(v.end)) for v in mm.vmas)
         starts = [v[0] for v in vmas]
         runs = read_pagemap_runs(images / f"pagemap-{pid}.img")
         fd = os.open(images / f"pages-{runs.pages_id}.img", os.O_RDONLY)
         try:
             for tid in [int(t) for t in entry.threads] or [pid]:
-                core = framing.read_single(images / f"core-{tid}.img", framing.CORE, core_pb2.core_entry)
+                path = images / f"core-{tid}.img"
+                (core,) = read_pb_messages(path, framing.CORE, core_pb2.core_entry, 1).entries
                 sp = int(core.thread_info.gpregs.sp)
                 ranges = []
                 i = bisect.bisect_right(starts, sp) - 1
