@@ -16,6 +16,7 @@ from typing import Any
 from criu_xstate.errors import ImageError
 from criu_xstate.frames import Sigaction, SigactionIndex, ThreadFrames, ThreadStacks, find_frames
 from criu_xstate.images import AddressSpace, Checkpoint
+from criu_xstate.images.wire import any_nonzero
 from criu_xstate.x86.xfeatures import PKRU
 
 MAP_GROWSDOWN = 0x100
@@ -202,10 +203,12 @@ def _thread_xsave(fpregs: Any) -> ThreadXsave:
     for n, name in XSAVE_FIELDS.items():
         if n != PKRU and not bv >> n & 1:
             continue  # not in use whatever the array holds: not converted (most threads use 0..2)
-        values = getattr(xs, name)
-        if n == PKRU and values:
-            pkru = int(values[0]) & 0xFFFFFFFF
-        if bv >> n & 1 and any(values):
+        if n == PKRU:
+            values = xs.pkru
+            pkru = int(values[0]) & 0xFFFFFFFF if values else None
+            if bv >> n & 1 and any(values):
+                in_use.add(n)
+        elif any_nonzero(xs, name):  # not converting a component's elements beyond its first non-zero
             in_use.add(n)
     return ThreadXsave(bv, frozenset(in_use), pkru, mxcsr)
 

@@ -375,3 +375,22 @@ def test_plan_and_the_hook_never_import_protobuf() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.startswith("{"), out.stderr
     assert out.stderr.strip().splitlines()[-1] == "[]"
+
+
+REPEATED_VARINT = [
+    n for n in NAMES if any(r and t not in ("bytes", "message") for _, _, t, r, _ in MESSAGES[n])
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_any_nonzero_is_any_of_the_elements_protobuf_reads(data: Any) -> None:
+    name = data.draw(st.sampled_from(REPEATED_VARINT))
+    payload = _reshape(data.draw(built(name)).SerializeToString(), random.Random(data.draw(st.integers())))
+    extra = data.draw(st.sampled_from([b"", bytes.fromhex("10808080801048001000")]))  # 2**32 masks to 0
+    ref = PB[name].FromString(payload + extra)
+    for f in wire.message_type(name).FIELDS:
+        if f.repeated and f.type in wire.VARINT_TYPES:
+            fresh = wire.decode(wire.message_type(name), payload + extra)  # nothing converted yet
+            assert wire.any_nonzero(fresh, f.name) == any(getattr(ref, f.name)), f.name
+            assert wire.any_nonzero(fresh, f.name) == any(getattr(fresh, f.name))  # and once converted

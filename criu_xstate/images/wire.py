@@ -192,6 +192,32 @@ class _LazyVarints:
         d[self.name] = values
         return values
 
+    def any_nonzero(self, segments: list[tuple[int, Any]]) -> bool:
+        convert = self.convert
+        for kind, x in segments:
+            if kind == _SEG_ONE:
+                if convert(x):
+                    return True
+                continue
+            for b in (self.element if kind == _SEG_RUN else _PACKED_ELEMENT).findall(x):
+                if convert(b[0] if len(b) == 1 else _value(b)):
+                    return True
+        return False
+
+
+def any_nonzero(msg: Message, name: str) -> bool:
+    """Whether the repeated varint field ``name`` of ``msg`` holds a non-zero element: ``any(getattr(msg,
+    name))`` without converting the elements after the first non-zero one (an XSAVE component in use
+    has one among its first few; the model asks this of every thread's components)."""
+    d = msg.__dict__
+    if name in d:
+        return any(d[name])
+    lazy = getattr(type(msg), name)
+    if not isinstance(lazy, _LazyVarints):
+        raise ValueError(f"{msg.NAME}.{name} is not a repeated varint field")
+    segments = d.get(lazy.key)
+    return segments is not None and lazy.any_nonzero(segments)
+
 
 M = TypeVar("M", bound=Message)
 
@@ -367,4 +393,4 @@ def message_type(name: str) -> type[Message]:
     return TYPES[name]
 
 
-__all__ = ["MAX_DEPTH", "TYPES", "DecodeError", "Field", "Message", "decode", "message_type"]
+__all__ = ["MAX_DEPTH", "TYPES", "DecodeError", "Field", "Message", "any_nonzero", "decode", "message_type"]
