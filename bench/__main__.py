@@ -135,6 +135,27 @@ def _bytes(d: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in d.glob(pattern) if p.is_file() and not p.is_symlink())
 
 
+def in_one_process(cks: dict[float, Path], rounds: int, out: Path) -> dict[str, object]:
+    """plan and apply --out with process start-up taken out (bench/inproc.py): medians per memory size,
+    and the slope in ms/GiB as the median of each round's own slope (a round's checkpoints run back to
+    back, so a load spike that hits one round does not tilt the others)."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [PY, "-m", "bench.inproc", str(rounds), DEST, str(out), *map(str, cks.values())]
+    r = subprocess.run(argv, capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if r.returncode != 0:
+        raise SystemExit(f"bench: bench.inproc failed: {r.stderr.decode()[-500:]}")
+    times = json.loads(r.stdout)
+    xs = list(cks)
+    result: dict[str, object] = {"rounds": rounds}
+    for what in ("plan", "apply"):
+        per = [times[str(ck)][what] for ck in cks.values()]
+        result[f"{what}_ms"] = [round(1000 * statistics.median(t), 2) for t in per]
+        slopes = [_slope(xs, [t[i] for t in per]) for i in range(rounds)]
+        result[f"{what}_ms_per_gib"] = round(1000 * statistics.median(slopes), 3)
+        result[f"{what}_ms_per_gib_range"] = [round(1000 * min(slopes), 3), round(1000 * max(slopes), 3)]
+    return result
+
+
 # --- synthetic ------------------------------------------------------------------------------------
 
 
@@ -192,6 +213,7 @@ def memory_sweep(tmp: Path, rounds: int, base: Path | None) -> dict[str, object]
             jobs[f"plan-before {g}"] = lambda ck=ck: plan(ck, base)  # type: ignore[misc]
             jobs[f"apply-before {g}"] = lambda ck=ck, g=g: apply_out(ck, tmp / f"out-before-{g}", base)  # type: ignore[misc]
     med = _rounds(jobs, rounds)
+    inproc = in_one_process(cks, max(rounds, 7), tmp / "inproc")
     rows = []
     for g, ck in cks.items():
         out = tmp / f"out-{g}"
@@ -230,6 +252,7 @@ def memory_sweep(tmp: Path, rounds: int, base: Path | None) -> dict[str, object]
         **extra,
         "threads": threads,
         "rows": rows,
+        "in_one_process": inproc,
         "plan_ms_per_gib": round(1000 * _slope(xs, [float(r["plan_s"]) for r in rows]), 3),
         "apply_ms_per_gib": round(1000 * _slope(xs, [float(r["apply_out_s"]) for r in rows]), 3),
         "plan_memory_exponent": round(_exponent(xs, [float(r["plan_s"]) for r in rows]), 3),
@@ -374,6 +397,7 @@ def real_dumps(tmp: Path, sizes: list[float], rounds: int, with_pycriu: bool) ->
                 jobs[f"restore {g}"] = lambda ck=ck, g=g: restore(ck, pids[g], None)  # type: ignore[misc]
                 jobs[f"restore+hook {g}"] = lambda ck=ck, g=g: restore_with_hook(ck, pids[g], hook, waits[g])  # type: ignore[misc]
         med = _rounds(jobs, rounds)
+        inproc = in_one_process(cks, max(rounds, 7), tmp / "real-inproc") if len(cks) > 1 else None
         for g, ck in cks.items():
             from criu_xstate.images.pagemap import read_pagemap_runs
 
@@ -411,6 +435,7 @@ def real_dumps(tmp: Path, sizes: list[float], rounds: int, with_pycriu: bool) ->
         xs = [float(r["memory_gib"]) for r in rows]  # type: ignore[arg-type]
         result["plan_ms_per_gib"] = round(1000 * _slope(xs, [float(r["plan_s"]) for r in rows]), 3)  # type: ignore[arg-type]
         result["apply_ms_per_gib"] = round(1000 * _slope(xs, [float(r["apply_out_s"]) for r in rows]), 3)  # type: ignore[arg-type]
+        result["in_one_process"] = inproc
     return result
 
 
@@ -478,6 +503,13 @@ def table(results: dict[str, Any]) -> str:
             f"{pb:>13}{ab:>14}"
         )
     out.append(f"  plan {mem['plan_ms_per_gib']} ms/GiB, apply --out {mem['apply_ms_per_gib']} ms/GiB")
+    one = mem.get("in_one_process")
+    if one:
+        out.append(
+            f"  in one process (start-up excluded, {one['rounds']} rounds): plan {one['plan_ms']} ms, "
+            f"{one['plan_ms_per_gib']} ms/GiB; apply --out {one['apply_ms']} ms, "
+            f"{one['apply_ms_per_gib']} ms/GiB"
+        )
     if "plan_before_ms_per_gib" in mem:
         out.append(
             f"  before: plan {mem['plan_before_ms_per_gib']} ms/GiB, "
@@ -506,6 +538,13 @@ def table(results: dict[str, Any]) -> str:
         if "plan_ms_per_gib" in real:
             out.append(
                 f"  plan {real['plan_ms_per_gib']} ms/GiB, apply --out {real['apply_ms_per_gib']} ms/GiB"
+            )
+        one = real.get("in_one_process")
+        if one:
+            out.append(
+                f"  in one process (start-up excluded, {one['rounds']} rounds): plan {one['plan_ms']} ms, "
+                f"{one['plan_ms_per_gib']} ms/GiB; apply --out {one['apply_ms']} ms, "
+                f"{one['apply_ms_per_gib']} ms/GiB"
             )
     else:
         out.append(f"real CRIU dumps: skipped ({real})")

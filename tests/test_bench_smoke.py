@@ -24,3 +24,15 @@ def test_a_synthetic_checkpoint_plans_and_floors(tmp_path: Path, capsys: pytest.
     assert floor(tmp_path / "ck") > 8 * 4096
     assert main(["plan", str(tmp_path / "ck"), "--dest", DEST, "--json"]) in (0, 1)
     assert '"threads"' in capsys.readouterr().out
+
+
+def test_plan_and_apply_are_timed_in_one_process(tmp_path: Path) -> None:
+    import bench.__main__ as bench_main
+
+    cks = {}
+    for gib in (0.01, 0.02):
+        cks[gib] = tmp_path / f"ck-{gib}"
+        build(cks[gib], 4, gib, criu_shaped=True)
+    got = bench_main.in_one_process(cks, 2, tmp_path / "out")
+    assert len(got["plan_ms"]) == 2 and all(t > 0 for t in got["apply_ms"])  # type: ignore[arg-type]
+    assert not any((tmp_path / "out").iterdir())  # every output was removed
