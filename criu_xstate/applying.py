@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,6 +128,8 @@ def apply_to_copy(src: Path, out: Path, dest: HostFacts, opts: Options, *, self_
 
         cs = build_changeset(model, plan, dest) if plan.verdict is Verdict.TRANSLATE else None
         changes = cs.changes if cs is not None else []
+        import tempfile  # not at import time: the hook's common case writes nothing
+
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.criu-xstate-tmp-", dir=out.parent))
         try:
             if cs is not None and (changes or cs.parent_pages) and not archive and not self_contained:

@@ -5,17 +5,21 @@ Exit codes (DESIGN.md §4): 0 safe, 1 refused, 2 bad usage or invalid input, 3 i
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from criu_xstate import __version__
 from criu_xstate.errors import CriuXstateError, ExitCode
 
-Handler = Callable[[argparse.Namespace], int]
+if TYPE_CHECKING:  # argparse is imported by the command line only: the hook has none (hook_main)
+    import argparse
+
+    Handler = Callable[[argparse.Namespace], int]
+A = TypeVar("A")
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -60,7 +64,7 @@ def _cmd_undo(args: argparse.Namespace) -> int:
     return run_undo(args)
 
 
-def _cmd_hook(args: argparse.Namespace) -> int:
+def _cmd_hook(args: object) -> int:
     from criu_xstate.hook import run
 
     return run(args)
@@ -106,6 +110,8 @@ def _cmd_completion(args: argparse.Namespace) -> int:
 
 def bash_completion(parser: argparse.ArgumentParser) -> str:
     """A bash completion function generated from the parser: commands, then each command's options."""
+    import argparse
+
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     cases = []
     for name, p in sorted(sub.choices.items()):
@@ -133,6 +139,8 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="criu-xstate",
         description="Find, check and translate in-flight x86 signal frames (XSAVE state) in CRIU images.",
@@ -302,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def hook_main() -> int:
     """What the installed action script runs: `criu-xstate hook` without the command line, whose
     parser of every command is ~10 ms of each restore; the same signals, collector and exit codes."""
-    return _guarded(lambda: _dispatch(_cmd_hook, argparse.Namespace()))
+    return _guarded(lambda: _dispatch(_cmd_hook, None))
 
 
 def _guarded(command: Callable[[], int]) -> int:
@@ -337,7 +345,7 @@ def _run(argv: Sequence[str] | None) -> int:
     return _dispatch(args.handler, args)
 
 
-def _dispatch(handler: Handler, args: argparse.Namespace) -> int:
+def _dispatch(handler: Callable[[A], int], args: A) -> int:
     try:
         return handler(args)
     except CriuXstateError as exc:

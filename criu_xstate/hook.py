@@ -14,7 +14,6 @@ the journal, only after a translation (docs/journal.md). docs/hook.md has the wh
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ def _say(msg: str) -> None:
     print(f"criu-xstate hook: {msg}", file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: object = None) -> int:
     if os.environ.get("CRTOOLS_SCRIPT_ACTION") != "pre-restore":
         return ExitCode.OK
     from criu_xstate import hookconfig
@@ -55,12 +54,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _destination(dest: str) -> HostFacts:
-    from criu_xstate import hosts, profiles
+    from criu_xstate import hosts
     from criu_xstate.plan import facts_from_profile
 
     if dest == "probe":
         profile = hosts.probe_local(os.uname().nodename)  # gethostname(), without the socket module
     else:
+        import argparse  # profiles.resolve is also the command line's type check
+
+        from criu_xstate import profiles
+
         try:
             profile = hosts.load_profile(Path(profiles.resolve(dest)))
         except argparse.ArgumentTypeError as exc:

@@ -281,17 +281,20 @@ def test_archive_constants_agree() -> None:
     assert checkpoint.ARCHIVE_IMAGES == archive.ARCHIVE_IMAGES
 
 
-def _modules_after(argv: list[str], env: dict[str, str] | None = None) -> set[str]:
+def _modules_after(argv: list[str] | None, env: dict[str, str] | None = None) -> set[str]:
+    """The modules loaded after ``criu-xstate ARGV`` (None: after cli.hook_main, as the installed
+    action script runs it)."""
     import json
     import os
     import subprocess
     import sys
 
+    call = "hook_main()" if argv is None else f"main({argv!r})"
     code = (
         "import sys, json, contextlib, io\n"
-        "from criu_xstate.cli import main\n"
+        "from criu_xstate.cli import hook_main, main\n"
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
-        f"    main({argv!r})\n"
+        f"    {call}\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     r = subprocess.run(
@@ -317,7 +320,8 @@ def test_start_up_imports_only_what_the_command_needs() -> None:
 
 
 def test_a_pre_restore_hook_with_nothing_to_write_imports_neither_protobuf_nor_yaml(tmp_path: Path) -> None:
-    """protobuf only writes (docs/wire.md); the policy hook-install writes is read without PyYAML."""
+    """protobuf only writes (docs/wire.md); the policy hook-install writes is read without PyYAML; the
+    installed script enters at hook_main, which builds no command line parser."""
     import shutil
 
     from criu_xstate.commands.hookcmds import config_text
@@ -327,9 +331,9 @@ def test_a_pre_restore_hook_with_nothing_to_write_imports_neither_protobuf_nor_y
     config = tmp_path / "config.yaml"
     config.write_text(config_text("probe", "check"))
     env = {"CRTOOLS_SCRIPT_ACTION": "pre-restore", "CRTOOLS_IMAGE_DIR": str(images)}
-    hook = _modules_after(["hook"], {**env, "CRIU_XSTATE_CONFIG": str(config)})
+    hook = _modules_after(None, {**env, "CRIU_XSTATE_CONFIG": str(config)})
     assert "criu_xstate.plan" in hook and "criu_xstate.model" in hook  # it did plan
-    assert not {"google.protobuf", "yaml", "criu_xstate.changeset"} & hook
+    assert not {"google.protobuf", "yaml", "criu_xstate.changeset", "argparse", "tempfile"} & hook
 
 
 def _anchors_by_whole_search(
