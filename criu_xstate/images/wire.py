@@ -26,7 +26,7 @@ shared by all, an empty tuple) and ``HasField`` tells absent from present, as in
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeVar
 
 from criu_xstate.images.pb.schema import MESSAGES
@@ -181,28 +181,18 @@ class _LazyVarints:
         segments = d.get(self.key)
         if segments is None:
             return ()
-        convert, raw = self.convert, []
-        for kind, x in segments:
-            if kind == _SEG_ONE:
-                raw.append(x)
-            else:
-                found = (self.element if kind == _SEG_RUN else _PACKED_ELEMENT).findall(x)
-                raw.extend(b[0] if len(b) == 1 else _value(b) for b in found)
-        values = [convert(v) for v in raw]
+        values = [self.convert(v) for v in self.raw_values(segments)]
         d[self.name] = values
         return values
 
-    def any_nonzero(self, segments: list[tuple[int, Any]]) -> bool:
-        convert = self.convert
+    def raw_values(self, segments: list[tuple[int, Any]]) -> Iterator[int]:
+        """The elements as varints, unconverted, in wire order (the segments were checked when read)."""
         for kind, x in segments:
             if kind == _SEG_ONE:
-                if convert(x):
-                    return True
-                continue
-            for b in (self.element if kind == _SEG_RUN else _PACKED_ELEMENT).findall(x):
-                if convert(b[0] if len(b) == 1 else _value(b)):
-                    return True
-        return False
+                yield x
+            else:
+                for b in (self.element if kind == _SEG_RUN else _PACKED_ELEMENT).findall(x):
+                    yield b[0] if len(b) == 1 else _value(b)
 
 
 def any_nonzero(msg: Message, name: str) -> bool:
@@ -216,7 +206,7 @@ def any_nonzero(msg: Message, name: str) -> bool:
     if not isinstance(lazy, _LazyVarints):
         raise ValueError(f"{msg.NAME}.{name} is not a repeated varint field")
     segments = d.get(lazy.key)
-    return segments is not None and lazy.any_nonzero(segments)
+    return segments is not None and any(map(lazy.convert, lazy.raw_values(segments)))
 
 
 M = TypeVar("M", bound=Message)
