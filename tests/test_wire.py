@@ -15,34 +15,11 @@ from hypothesis import strategies as st
 
 from criu_xstate.images import framing, wire
 from criu_xstate.images.files import FILES
-from criu_xstate.images.pb import (
-    core_pb2,
-    core_x86_pb2,
-    cpuinfo_pb2,
-    files_pb2,
-    inventory_pb2,
-    mm_pb2,
-    pagemap_pb2,
-    pstree_pb2,
-    sa_pb2,
-)
 from criu_xstate.images.pb.schema import MESSAGES
+from criu_xstate.images.rewrite import PB_TYPES
 
 FIXTURES = Path(__file__).parent / "fixtures"
-MODULES = (
-    core_pb2,
-    core_x86_pb2,
-    cpuinfo_pb2,
-    files_pb2,
-    inventory_pb2,
-    mm_pb2,
-    pagemap_pb2,
-    pstree_pb2,
-    sa_pb2,
-)
-PB: dict[str, type[PbMessage]] = {
-    name: getattr(mod, name) for mod in MODULES for name in mod.DESCRIPTOR.message_types_by_name
-}
+PB: dict[str, type[PbMessage]] = PB_TYPES
 TYPE_NAMES = {
     FieldDescriptor.TYPE_UINT32: "uint32",
     FieldDescriptor.TYPE_UINT64: "uint64",

@@ -19,27 +19,33 @@ from criu_xstate.images import framing
 from criu_xstate.images.framing import MAX_ENTRIES, PAGEMAP, ImageKind, RawImage, encode_image, read_raw
 from criu_xstate.images.pb import (
     core_pb2,
+    core_x86_pb2,
     cpuinfo_pb2,
     files_pb2,
     inventory_pb2,
     mm_pb2,
     pagemap_pb2,
     pstree_pb2,
+    sa_pb2,
 )
 
 M = TypeVar("M", bound=Message)
 
-# Entry types by message name, as wire.TYPES has them.
+# Every message of protos/ by name, as wire.TYPES has them (tests/test_wire.py checks the two agree).
 PB_TYPES: dict[str, type[Message]] = {
-    "inventory_entry": inventory_pb2.inventory_entry,
-    "pstree_entry": pstree_pb2.pstree_entry,
-    "core_entry": core_pb2.core_entry,
-    "mm_entry": mm_pb2.mm_entry,
-    "vma_entry": mm_pb2.vma_entry,
-    "cpuinfo_entry": cpuinfo_pb2.cpuinfo_entry,
-    "pagemap_head": pagemap_pb2.pagemap_head,
-    "pagemap_entry": pagemap_pb2.pagemap_entry,
-    "file_entry": files_pb2.file_entry,
+    name: getattr(module, name)
+    for module in (
+        core_pb2,
+        core_x86_pb2,
+        cpuinfo_pb2,
+        files_pb2,
+        inventory_pb2,
+        mm_pb2,
+        pagemap_pb2,
+        pstree_pb2,
+        sa_pb2,
+    )
+    for name in module.DESCRIPTOR.message_types_by_name
 }
 
 
