@@ -81,7 +81,7 @@ _WORDS: dict[str, bool | None] = {
 
 def _flat(text: str) -> dict[str, object] | None:
     """``text`` as ``yaml.safe_load`` reads it when it is only setting lines, comments and blank lines
-    (tests/test_hook_install.py compares the two on generated files); else None."""
+    (tests/test_hookconfig.py compares the two on generated files); else None."""
     doc: dict[str, object] = {}
     for line in text.split("\n"):
         m = _LINE.fullmatch(line)
