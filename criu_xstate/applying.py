@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,22 +21,27 @@ from criu_xstate.images import open_checkpoint
 from criu_xstate.images.checkpoint import is_archive
 from criu_xstate.model import CheckpointModel, load_model
 from criu_xstate.plan import HostFacts, Plan, Severity, Verdict
+from criu_xstate.records import record
 from criu_xstate.transaction import JOURNAL, Change, refuse_if_interrupted, transaction
 
 if TYPE_CHECKING:  # the writers are imported when something is written: the hook's common case is not
     from criu_xstate.changeset import ChangeSet
 
 
-@dataclass(frozen=True)
+@record
 class Options:
+    """How to plan: the source profile, whether frames may move, ISA strictness, where the files are."""
+
     src: str | None = None
     allow_relocation: bool = True
     strict_isa: bool = False
     root: Path = Path("/")  # where the processes' files are (glibc.py reads their loader there)
 
 
-@dataclass(frozen=True)
+@record
 class Outcome:
+    """What an apply did: the plan it carried out, its changes, and the bytes it wrote."""
+
     plan: Plan
     changeset: ChangeSet | None = None
     written: int = 0

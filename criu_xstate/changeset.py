@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import struct
 from collections import defaultdict
-from dataclasses import dataclass
 
 from criu_xstate.errors import ApplyError, MemoryUnreadable
 from criu_xstate.images.addrspace import PAGE, VMA_ANON_PRIVATE, VMA_AREA_REGULAR
@@ -30,6 +29,7 @@ from criu_xstate.images.pb import core_pb2, mm_pb2
 from criu_xstate.images.rewrite import single_pb
 from criu_xstate.model import XSAVE_FIELDS, CheckpointModel, Process
 from criu_xstate.plan import FrameAction, HostFacts, Plan
+from criu_xstate.records import record
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 from criu_xstate.translate import MemoryPatch, Relocation, frame_patches, pointer_patch
 from criu_xstate.x86.xfeatures import PKRU
@@ -41,7 +41,7 @@ MAP_PRIVATE_ANONYMOUS = 0x22
 GUARD = PAGE
 
 
-@dataclass(frozen=True)
+@record
 class ParentPage:
     """The whole new content of the page at ``vaddr``, which ``pagemap`` takes from the parent images."""
 
@@ -50,8 +50,10 @@ class ParentPage:
     new: bytes
 
 
-@dataclass(frozen=True)
+@record
 class ChangeSet:
+    """Every byte change a plan needs, by image file, with counts of what the changes do."""
+
     changes: list[Change]
     frames_rewritten: int
     frames_relocated: int

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
+
+from criu_xstate.records import record
 
 MAX_ELF = 256 << 20  # a loader or a static executable; anything bigger is refused, not read
 MAX_SYMBOLS = 1 << 20
@@ -30,8 +31,10 @@ class ElfError(Exception):
         self.why = why
 
 
-@dataclass(frozen=True)
+@record
 class Segment:
+    """One PT_LOAD program header."""
+
     vaddr: int
     offset: int
     filesz: int
@@ -39,8 +42,10 @@ class Segment:
     flags: int  # PF_X 1, PF_W 2, PF_R 4
 
 
-@dataclass(frozen=True)
+@record
 class Symbol:
+    """One symbol-table entry: its name, value (an address in the object) and size."""
+
     name: str
     value: int
     size: int
@@ -193,8 +198,10 @@ DF_BIND_NOW, DF_1_NOW = 0x8, 0x1
 MAX_DYNAMIC = 1 << 16
 
 
-@dataclass(frozen=True)
+@record
 class Binding:
+    """How an object binds its PLT entries."""
+
     lazy_plt: bool  # has PLT relocations bound at first call (DT_JMPREL without BIND_NOW)
 
 

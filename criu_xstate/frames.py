@@ -27,12 +27,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, NamedTuple, Protocol
 
 from criu_xstate.errors import MemoryUnreadable
+from criu_xstate.records import field, record, replace
 from criu_xstate.x86.sigframe import (
     IA32_FSAVE_HEADER,
     IA32_KERNEL_FPSTATE_OFFSET,
@@ -102,15 +102,17 @@ class Liveness(StrEnum):
     INVALID = "invalid"  # anchored by a restorer value but fails a check
 
 
-@dataclass(frozen=True)
+@record
 class Sigaction:
+    """A handler as CRIU recorded it: what a candidate frame's restorer is checked against."""
+
     signo: int
     handler: int
     flags: int
     restorer: int
 
 
-@dataclass(frozen=True)
+@record
 class ThreadStacks:
     """What frame discovery needs to know about a thread."""
 
@@ -121,14 +123,16 @@ class ThreadStacks:
     blocked: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class Check:
+    """One named test a candidate frame passed or failed, with what it saw."""
+
     name: str
     ok: bool
     detail: str
 
 
-@dataclass(frozen=True)
+@record
 class SignalFrame:
     """One ``rt_sigframe`` (or ia32 frame) found on a thread's stacks, with the evidence for it."""
 
@@ -193,7 +197,7 @@ class SignalFrame:
         return XsaveImage(self.image).mxcsr
 
 
-@dataclass(frozen=True)
+@record
 class UnreadableStack:
     """A stack range the checkpoint does not hold (lazy pages): the thread's frames cannot be known."""
 
@@ -202,8 +206,10 @@ class UnreadableStack:
     error: MemoryUnreadable
 
 
-@dataclass(frozen=True)
+@record
 class ThreadFrames:
+    """The signal frames found on one thread's stacks, and the stacks that could not be read."""
+
     tid: int
     frames: tuple[SignalFrame, ...]  # live ones first (innermost first), then others by address
     unreadable: tuple[UnreadableStack, ...] = ()
@@ -218,8 +224,10 @@ class ThreadFrames:
 # ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _Stack:
+    """One range frames are searched in: the stack mapping that holds SP, or the sigaltstack."""
+
     kind: StackKind
     start: int
     end: int
@@ -702,7 +710,7 @@ def _signo_from_masks(sigmask: int, mask_during: int, sigactions: Sequence[Sigac
 # --- the thread: surveys of its stacks, the live chain, the report ----------------------------------------
 
 
-@dataclass
+@record(frozen=False)
 class _Survey:
     """What examining one stack's anchors left: the addresses that pass every check (ascending), and the
     rejected candidates, at most :data:`MAX_RECORDED` per thread of them with their evidence."""

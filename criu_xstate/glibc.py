@@ -22,18 +22,18 @@ and checked against the size (and build-id, when recorded) in ``files.img``.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
+from criu_xstate import records
 from criu_xstate.elf import Elf, ElfError, open_elf, read_binding
 from criu_xstate.errors import ImageError, MemoryUnreadable
 from criu_xstate.images.addrspace import VMA_FILE_PRIVATE, VMA_FILE_SHARED
 from criu_xstate.images.files import RegFile, read_reg_files
 from criu_xstate.model import Process
+from criu_xstate.records import record
 
 LEGACY_AND_HEADER = 576  # XSAVE legacy area + header: where extended components start
 REGISTER_AREA = 64  # the trampolines' integer-register area below the XSAVE image (STATE_SAVE_OFFSET)
@@ -46,7 +46,7 @@ MAX_LEAVES = 32
 EAX, EBX, ECX, EDX = range(4)
 
 
-@dataclass(frozen=True)
+@record
 class Feature:
     """A CPU feature glibc's ifunc resolvers select on: its slot in cpu_features and its cpuinfo flag."""
 
@@ -85,7 +85,7 @@ IFUNC_FEATURES: tuple[Feature, ...] = (
 XSAVEC_SLOT = (3, EAX, 1)  # CPUID 0xD.1 EAX bit 1: glibc sets it active when it chose XSAVEC
 
 
-@dataclass(frozen=True)
+@record
 class SaveArea:
     """One save-area size field and how the trampolines that reserve it use it."""
 
@@ -100,8 +100,10 @@ class SaveArea:
         return "xsave_state_size" if self.in_cpu_features else "tlsdesc state size"
 
 
-@dataclass(frozen=True)
+@record
 class GlibcState:
+    """What a process's glibc chose for the CPU it started on: trampoline, ifuncs, save-area sizes."""
+
     pid: int
     loader: str  # the file that holds cpu_features: ld.so, or a static executable
     version: str | None
@@ -118,14 +120,16 @@ class GlibcState:
         return self.lazy == ()
 
 
-@dataclass(frozen=True)
+@record
 class GlibcUnread:
+    """A process whose glibc state could not be read, and why."""
+
     pid: int
     loader: str | None
     why: str
 
 
-@dataclass(frozen=True)
+@record
 class _Code:
     """What the loader's code says: where cpu_features is, and each size field's trampolines."""
 
@@ -284,7 +288,7 @@ def read_glibc(
         env = _environment(proc)
         state = _read_state(proc, reg.name, code, bias, static)
         lazy = () if env.get("LD_BIND_NOW") else _lazy_objects(proc, files, root, reg.id)
-        return dataclasses.replace(state, lazy=lazy, tunables=env.get("GLIBC_TUNABLES"))
+        return records.replace(state, lazy=lazy, tunables=env.get("GLIBC_TUNABLES"))
     except MemoryUnreadable as exc:
         return GlibcUnread(proc.pid, reg.name, f"cpu_features unreadable: {exc.reason}")
     except ValueError as exc:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from criu_xstate.errors import ProfileError
+from criu_xstate.records import record
 
 DEFAULT_CONFIG = Path("/etc/criu-xstate/config.yaml")
 MODES = ("enforce", "check", "warn", "off")
@@ -29,8 +29,10 @@ _ALIASES = {"apply": "enforce"}  # the hook's mode names before the config file 
 MAX_CONFIG_BYTES = 64 << 10
 
 
-@dataclass(frozen=True)
+@record
 class HookConfig:
+    """The hook's policy: destination, mode, relocation, ISA strictness, log file."""
+
     dest: str = "probe"
     mode: str = "enforce"
     relocate: bool = True
@@ -141,7 +143,7 @@ def load(env: Mapping[str, str] | None = None) -> HookConfig:
     if env.get("CRIU_XSTATE_MODE"):
         overrides["mode"] = _mode(env["CRIU_XSTATE_MODE"], "CRIU_XSTATE_MODE")
     if overrides:
-        from dataclasses import replace
+        from criu_xstate.records import replace
 
-        config = replace(config, source=f"{config.source} + environment", **overrides)  # type: ignore[arg-type]
+        config = replace(config, source=f"{config.source} + environment", **overrides)
     return config

@@ -11,12 +11,12 @@ import itertools
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from criu_xstate import safeyaml
 from criu_xstate.errors import ProfileError
+from criu_xstate.records import field, record, replace
 from criu_xstate.x86.cpuid import RawFacts
 from criu_xstate.x86.xfeatures import DYNAMIC as DYNAMIC_FEATURES
 from criu_xstate.x86.xfeatures import SUPERVISOR, XTILEDATA, component_name
@@ -29,14 +29,18 @@ SIGRETURN_RULES = ("frame-size", "user-size")
 SIGRETURN_SOURCES = ("measured", "set", "guessed")  # strongest first
 
 
-@dataclass(frozen=True)
+@record
 class Component:
+    """Where one XSAVE component sits in the standard (non-compacted) format."""
+
     offset: int
     size: int
 
 
-@dataclass(frozen=True)
+@record
 class XsaveInfo:
+    """A host's XSAVE facts: XCR0, the sizes the kernel uses, the component layout."""
+
     xcr0: int
     user_size: int
     max_user_size: int
@@ -46,24 +50,30 @@ class XsaveInfo:
     offset_conflicts: tuple[int, ...] = ()  # fleet profiles: components whose offsets differ
 
 
-@dataclass(frozen=True)
+@record
 class CpuInfo:
+    """Which CPU a profile was taken on (for people: the rules judge xsave facts and flags)."""
+
     vendor: str = "unknown"
     family: int | None = None
     model: int | None = None
     model_name: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class KernelInfo:
+    """How the host's kernel judges a frame at rt_sigreturn, and how that was learned."""
+
     release: str | None = None
     sigreturn: str = "frame-size"
     sigreturn_source: str = "set"  # measured | set | guessed
     sigreturn_reason: str | None = None  # guessed: why it could not be measured
 
 
-@dataclass(frozen=True)
+@record
 class HostProfile:
+    """One host or fleet profile: what a plan judges a checkpoint against (DESIGN.md)."""
+
     name: str
     cpu: CpuInfo
     kernel: KernelInfo
@@ -576,7 +586,7 @@ _CAP_FLAGS = {
 }
 
 
-@dataclass(frozen=True)
+@record
 class PartialProfile:
     """What a CRIU ``cpuinfo.img`` tells about the *source* host (criu.md §4)."""
 
@@ -611,8 +621,10 @@ def profile_from_cpuinfo_img(entry: Any) -> PartialProfile:
 # --- baseline and compare ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Difference:
+    """One way two profiles differ (`hosts compare`, fleet baselines)."""
+
     kind: str  # component | flag | size | mxcsr | sigreturn | offset
     subject: str
     detail: str

@@ -20,11 +20,11 @@ import binascii
 import itertools
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from criu_xstate.errors import ApplyError
 from criu_xstate.fsio import JOURNAL, check_name
+from criu_xstate.records import field, record, replace
 
 SCHEMA = "criu-xstate/journal/v2"
 MAX_JOURNAL_BYTES = 256 << 20
@@ -32,7 +32,7 @@ MAX_OFFSET = 1 << 48
 State = Literal["pending", "complete"]
 
 
-@dataclass(frozen=True)
+@record
 class FileView:
     """What one file holds: its size (None: absent), its whole content's sha256 (whole-file writes),
     and the bytes of the regions criu-xstate touched, by offset (sorted, disjoint)."""
@@ -42,7 +42,7 @@ class FileView:
     regions: tuple[tuple[int, bytes], ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class Original:
     """A file before criu-xstate first changed it: its size (None: absent), its whole content when it
     was replaced whole, and the original bytes of every edited region."""
@@ -52,8 +52,10 @@ class Original:
     regions: tuple[tuple[int, bytes], ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class Journal:
+    """The journal file's content: its state, the original and expected files, the history."""
+
     state: State
     originals: Mapping[str, Original]
     expect: Mapping[str, FileView]
@@ -61,7 +63,7 @@ class Journal:
     history: tuple[str, ...] = ()
 
     def with_state(self, state: State, **kw: object) -> Journal:
-        return replace(self, state=state, **kw)  # type: ignore[arg-type]
+        return replace(self, state=state, **kw)
 
 
 # -- regions --------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -17,6 +16,7 @@ from criu_xstate.errors import ImageError
 from criu_xstate.frames import Sigaction, SigactionIndex, ThreadFrames, ThreadStacks, find_frames
 from criu_xstate.images import AddressSpace, Checkpoint
 from criu_xstate.images.wire import any_nonzero
+from criu_xstate.records import field, record
 from criu_xstate.x86.xfeatures import PKRU
 
 MAP_GROWSDOWN = 0x100
@@ -46,8 +46,10 @@ def sigaction_signo(index: int) -> int:
     return signo
 
 
-@dataclass(frozen=True)
+@record
 class Vma:
+    """One mapping of mm.img."""
+
     start: int
     end: int
     prot: int
@@ -62,7 +64,7 @@ class Vma:
         return bool(self.flags & MAP_GROWSDOWN)
 
 
-@dataclass(frozen=True)
+@record
 class ThreadXsave:
     """The thread's current FPU state as CRIU saved it (layout-free component arrays)."""
 
@@ -73,7 +75,7 @@ class ThreadXsave:
     fpregs: bool = True  # the image has FPU registers at all (without xsave: an FXSAVE-only source)
 
 
-@dataclass(frozen=True)
+@record
 class ThreadState:
     """What the plan reads of one thread: who it is, its current FPU state, and what could not be read."""
 
@@ -96,8 +98,10 @@ class ThreadState:
         return self.xsave.pkru
 
 
-@dataclass
+@record(frozen=False)
 class Thread:
+    """One thread: the registers frame discovery and the plan need, and its current XSAVE state."""
+
     process: Process
     tid: int
     ip: int
@@ -151,8 +155,10 @@ class _ProcessMemory:
         return None
 
 
-@dataclass
+@record(frozen=False)
 class Process:
+    """One process: its mappings, handlers and threads, and the pages behind its memory."""
+
     checkpoint: Checkpoint
     pid: int
     ppid: int
@@ -242,8 +248,10 @@ def _altstack(core: Any) -> tuple[int, int, int] | None:
     return int(sas.ss_sp), int(sas.ss_size), int(sas.ss_flags)
 
 
-@dataclass
+@record(frozen=False)
 class CheckpointModel:
+    """The processes of a checkpoint, as its images describe them."""
+
     checkpoint: Checkpoint
     processes: list[Process]
 

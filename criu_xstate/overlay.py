@@ -16,7 +16,6 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from criu_xstate.errors import ApplyError
@@ -33,6 +32,7 @@ from criu_xstate.images.pagemap import (
     runs_of,
 )
 from criu_xstate.images.pb import pagemap_pb2
+from criu_xstate.records import field, record
 from criu_xstate.transaction import Append, ByteEdit, Change, FileWrite
 
 
@@ -51,7 +51,7 @@ def _runs(pm: PagemapRuns) -> Iterator[tuple[int, int, int, int | None]]:
         yield vaddr, pages, flags, None if offset == NO_OFFSET else offset
 
 
-@dataclass
+@record(frozen=False)
 class _Split:
     """A change set sorted by what it does: whole-file writes, edits and appends per pages file."""
 

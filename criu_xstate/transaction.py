@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 from criu_xstate.errors import ApplyError, CriuXstateError
@@ -28,6 +27,7 @@ from criu_xstate.journal import (
     overlay,
     sha256,
 )
+from criu_xstate.records import record, replace
 
 __all__ = [
     "JOURNAL",
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@record
 class ByteEdit:
     """Replace ``old`` by ``new`` (same length) at ``offset`` of file ``name``."""
 
@@ -58,7 +58,7 @@ class ByteEdit:
             raise ValueError("ByteEdit old and new must have the same length")
 
 
-@dataclass(frozen=True)
+@record
 class Append:
     """Append ``data`` to file ``name``, whose size must be ``at`` when applied."""
 
@@ -67,7 +67,7 @@ class Append:
     data: bytes
 
 
-@dataclass(frozen=True)
+@record
 class FileWrite:
     """Replace the whole (small) file ``name``: ``old`` is its expected content, None if it must not exist."""
 

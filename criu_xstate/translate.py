@@ -17,10 +17,9 @@ it in new memory and the frame's ``fpstate`` pointer (frame + 232) is rewritten.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from criu_xstate.frames import RT_SC_FPSTATE
 from criu_xstate.plan import FrameAction, FrameDecision, HostFacts
+from criu_xstate.records import record
 from criu_xstate.x86.xfeatures import PKRU, bits, state_bytes
 from criu_xstate.x86.xsave import (
     MIN_XSTATE_SIZE,
@@ -37,7 +36,7 @@ class TranslateError(ValueError):
     """A decision that cannot be turned into bytes (a bug upstream, never bad input)."""
 
 
-@dataclass(frozen=True)
+@record
 class MemoryPatch:
     """Write ``new`` at ``vaddr`` in process ``pid``'s memory (the writer records what it replaces)."""
 
@@ -46,7 +45,7 @@ class MemoryPatch:
     new: bytes
 
 
-@dataclass(frozen=True)
+@record
 class Relocation:
     """A new XSAVE image that needs fresh memory; ``pointer_at`` is the frame's fpstate field."""
 

@@ -157,10 +157,9 @@ def test_ia32_rt_frame_is_detected_and_modelled() -> None:
 
 
 def test_ia32_frame_is_kept_as_is_or_refused() -> None:
-    from dataclasses import replace
-
     from criu_xstate.frames import Abi, Check, SignalFrame
     from criu_xstate.plan import FrameAction, HostFacts, plan_frame
+    from criu_xstate.records import replace
     from criu_xstate.x86.xsave import SwBytes
     from tests.framebuild import xsave_image
 

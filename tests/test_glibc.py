@@ -9,7 +9,6 @@ without GLIBC_TUNABLES masking AVX2. Nothing here assumes the CPU: the expectati
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -22,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from criu_xstate import records
 from criu_xstate.cli import main
 from criu_xstate.elf import Elf, ElfError
 from criu_xstate.glibc import IFUNC_FEATURES, GlibcState, SaveArea, needed, read_code, rewritten, save_extent
@@ -232,7 +232,7 @@ def test_a_rewritten_save_area_restores_and_keeps_working(
     (facts,) = load_destinations([str(here)])
     end = max(o + s for o, s in facts.offsets.values())
     tile_cfg = (end + 63) // 64 * 64
-    amx = dataclasses.replace(
+    amx = records.replace(
         facts,
         name="here-with-amx",
         xcr0=facts.xcr0 | 0xE0000,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from criu_xstate.plan.frame_rules import (
 )
 from criu_xstate.plan.glibc_rules import AREA_RULES, GLIBC_RULES
 from criu_xstate.plan.thread_rules import ABSENT_COMPONENT_RULES, PKRU_RULES, STACK_RULES, THREAD_RULES
+from criu_xstate.records import replace
 from criu_xstate.x86.xfeatures import INIT_PKRU, INTEL_OFFSETS
 from criu_xstate.x86.xsave import XSAVE_HEADER_OFFSET
 from tests.test_glibc import AMD as GAMD

@@ -7,11 +7,10 @@ The rendering is criu_xstate/report/ (show_json, show_text, container_line).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
-from criu_xstate import glibc
+from criu_xstate import glibc, records
 from criu_xstate.commands.common import INTERRUPTED, journal_of, opened_model
 from criu_xstate.errors import ExitCode
 from criu_xstate.report import container_line, dumps, show_json, show_text
@@ -25,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             doc = show_json(model, args.checkpoint, states)
             doc["journal"] = journal
-            doc["container"] = dataclasses.asdict(meta) if meta else None
+            doc["container"] = records.as_dict(meta) if meta else None
             out = dumps(doc)
         else:
             out = show_text(model, args.checkpoint, states)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import os
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from criu_xstate.errors import ImageError, MemoryUnreadable
 from criu_xstate.images.framing import open_image
 from criu_xstate.images.pagemap import NO_OFFSET, PAGE, PE_LAZY, PE_PARENT, PE_PRESENT, PagemapRuns
 from criu_xstate.images.wire import Message
+from criu_xstate.records import record
 
 __all__ = ["PAGE", "PE_LAZY", "PE_PARENT", "PE_PRESENT", "AddressSpace", "Run"]
 VMA_AREA_REGULAR = 1 << 0
@@ -34,8 +34,10 @@ MAX_READ = 64 << 20
 USER_SPACE_END = 1 << 47
 
 
-@dataclass(frozen=True, slots=True)
+@record(slots=True)
 class Run:
+    """Consecutive pages of one pagemap entry: start, count, flags, place in the pages file."""
+
     start: int
     pages: int
     flags: int

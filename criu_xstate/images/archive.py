@@ -19,12 +19,12 @@ import hashlib
 import os
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from criu_xstate.errors import ImageError
 from criu_xstate.images.container import ARCHIVE_META_DIR, MAX_META_BYTES, META_FILES
+from criu_xstate.records import record
 
 BLOCK = 512
 ARCHIVE_IMAGES = "checkpoint"
@@ -37,8 +37,10 @@ ZEROS = bytes(CHUNK)
 ENV_IMAGE_BYTES = "CRIU_XSTATE_MAX_EXTRACT"
 
 
-@dataclass(frozen=True)
+@record
 class Limits:
+    """Bounds on what extracting one archive may take."""
+
     room: int  # bytes the temporary directory's filesystem may take (free space minus a margin)
     members: int = 1 << 16  # headers of every kind; a Podman export has a handful plus the images
     image_bytes: int = 64 << 30  # bytes declared by the image members (see also ``room``)
@@ -183,15 +185,17 @@ def _pax_records(data: bytes, stream: _Stream) -> dict[str, str]:
     return out
 
 
-@dataclass
+@record(frozen=False)
 class _Member:
+    """One tar member as the header walk saw it."""
+
     name: str
     kind: bytes
     size: int
     sparse: bool
 
 
-@dataclass
+@record(frozen=False)
 class _Pending:
     """What GNU ``L`` and pax ``x`` headers say about the next member."""
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+
+from criu_xstate.records import record
 
 MAX_META_BYTES = 4 << 20
 META_FILES = ("config.dump", "spec.dump")
 ARCHIVE_META_DIR = ".criu-xstate-meta"  # where archive extraction puts them, beside the images
 
 
-@dataclass(frozen=True)
+@record
 class ContainerMeta:
+    """What the runtime recorded about a container checkpoint."""
+
     name: str | None
     id: str | None
     image: str | None

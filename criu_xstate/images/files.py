@@ -6,11 +6,10 @@ it to find the loader a process mapped, with the size and build-id CRIU saw when
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from criu_xstate.images.checkpoint import Checkpoint
 from criu_xstate.images.framing import IMG_COMMON_MAGIC, ImageKind, read_messages
 from criu_xstate.images.wire import message_type
+from criu_xstate.records import record
 
 FILES = ImageKind("files", 0x56303138, IMG_COMMON_MAGIC)
 FD_TYPE_REG = 1
@@ -18,8 +17,10 @@ MAX_FILES = 1 << 18
 FILE_ENTRY = message_type("file_entry")
 
 
-@dataclass(frozen=True)
+@record
 class RegFile:
+    """One regular file of files.img: what glibc.py needs to find a process's loader."""
+
     id: int
     name: str  # as CRIU recorded it: relative to the process's root (CRIU writes a leading "/")
     size: int | None

@@ -13,12 +13,12 @@ import errno
 import os
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
 from criu_xstate.errors import ImageError
 from criu_xstate.images import wire
+from criu_xstate.records import record
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
@@ -32,8 +32,10 @@ MAX_ENTRIES = 1 << 20
 PAGEMAP_DECODES = 0
 
 
-@dataclass(frozen=True)
+@record
 class ImageKind:
+    """A kind of image file: its name and the magic numbers it starts with."""
+
     name: str
     magic: int
     head: int | None  # IMG_COMMON_MAGIC, or None for inventory
@@ -49,7 +51,7 @@ CPUINFO = ImageKind("cpuinfo", 0x61404013, IMG_COMMON_MAGIC)
 M = TypeVar("M", bound=wire.Message)
 
 
-@dataclass(frozen=True)
+@record
 class RawImage:
     """An image split into its framing: the magics and each entry's payload bytes."""
 
@@ -189,7 +191,7 @@ def decode(payload: bytes, cls: type[M], path: str, index: int) -> M:
         raise ImageError(path, f"entry {index}: not a valid {cls.NAME}: {exc}") from None
 
 
-@dataclass(frozen=True)
+@record
 class Image(Generic[M]):
     """A decoded image: its framing plus one message per entry."""
 

@@ -26,12 +26,12 @@ import re
 import struct
 import sys
 from array import array
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 from criu_xstate.errors import ImageError
 from criu_xstate.images import framing
+from criu_xstate.records import record
 
 PAGE = 4096
 PE_PARENT = 1 << 0
@@ -43,7 +43,7 @@ MIN_BLOCK = 8  # shorter stretches of same-shaped entries are decoded entry by e
 MEMO_BYTES = 64 << 20  # pagemap bytes remembered (a 64 GiB process writes ~1 MB of pagemap)
 
 
-@dataclass(frozen=True, slots=True)
+@record(slots=True)
 class Entry:
     """One pagemap entry, normalized as criu/pagemap.c reads it."""
 
@@ -53,7 +53,7 @@ class Entry:
     modern: bool  # the entry uses nr_pages (CRIU >= 4.2) with a non-zero count
 
 
-@dataclass(frozen=True)
+@record
 class PagemapRuns:
     """The runs of one pagemap, merged where contiguous, as parallel arrays in address order."""
 

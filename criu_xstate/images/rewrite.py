@@ -8,7 +8,6 @@ exactly the fields that were changed. Importing protobuf costs ~20 ms: only writ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -28,6 +27,7 @@ from criu_xstate.images.pb import (
     pstree_pb2,
     sa_pb2,
 )
+from criu_xstate.records import record
 
 M = TypeVar("M", bound=Message)
 
@@ -58,7 +58,7 @@ def decode_pb(payload: bytes, cls: type[M], path: str, index: int) -> M:
     return msg
 
 
-@dataclass(frozen=True)
+@record
 class PbImage(Generic[M]):
     """An image with its entries as protobuf messages, to be changed and encoded again."""
 
@@ -82,8 +82,10 @@ def single_pb(data: bytes, kind: ImageKind, cls: type[M], path: Path) -> M:
     return decode_pb(raw.payloads[0], cls, raw.path, 0)
 
 
-@dataclass(frozen=True)
+@record
 class Pagemap:
+    """A pagemap image decoded by protobuf, for the writers and tests that re-encode it."""
+
     raw: RawImage
     head: pagemap_pb2.pagemap_head
     entries: tuple[pagemap_pb2.pagemap_entry, ...]

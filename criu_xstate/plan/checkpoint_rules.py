@@ -4,16 +4,17 @@ had and the destination lacks (README, "Plan JSON and reason codes"; docs/plan-r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from criu_xstate.plan.findings import Hit, Rule, Severity
 from criu_xstate.plan.inputs import HostFacts, SourceFacts
+from criu_xstate.records import record
 
 SHOWN_FLAGS = 12  # a detail names at most this many missing flags
 
 
-@dataclass(frozen=True)
+@record
 class CheckpointFacts:
+    """What the checkpoint rules look at: destination, source, strictness."""
+
     dest: HostFacts
     source: SourceFacts | None
     strict_isa: bool

@@ -5,18 +5,20 @@ whether it holds data, PKRU, and the destination they are judged against (docs/p
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cache
 
 from criu_xstate.frames import SignalFrame
 from criu_xstate.plan.inputs import HostFacts, SourceFacts
 from criu_xstate.plan.layout import infer_source_offsets
+from criu_xstate.records import record
 from criu_xstate.x86.xfeatures import PKRU, bits, component_name, state_bytes
 from criu_xstate.x86.xsave import XsaveImage
 
 
-@dataclass(frozen=True)
+@record
 class ComponentState:
+    """One XSAVE component of an image: where it is and whether it holds state."""
+
     number: int
     offset: int
     size: int
@@ -27,7 +29,7 @@ class ComponentState:
         return component_name(self.number)
 
 
-@dataclass(frozen=True)
+@record
 class FrameFacts:
     """One live frame against one destination. ``offsets`` is None when the layout is not known."""
 

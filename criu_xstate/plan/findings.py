@@ -8,7 +8,6 @@ emit them are the tables in frame_rules.py and thread_rules.py (docs/plan-rules.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Generic, TypeVar
 
@@ -16,6 +15,7 @@ from criu_xstate.frames import SignalFrame
 from criu_xstate.glibc import GlibcState, GlibcUnread
 from criu_xstate.model import ThreadState
 from criu_xstate.plan.inputs import HostFacts
+from criu_xstate.records import field, record
 
 
 class Severity(IntEnum):
@@ -38,8 +38,10 @@ class FrameAction(StrEnum):
     REFUSE = "refuse"
 
 
-@dataclass(frozen=True)
+@record
 class Finding:
+    """One thing a plan found: a code, how bad it is, about what, and what to do."""
+
     code: str
     severity: Severity
     subject: str
@@ -49,7 +51,7 @@ class Finding:
     dest: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Hit:
     """What a rule's check found: the detail, the values on both sides, and what the remedy names."""
 
@@ -64,7 +66,7 @@ F = TypeVar("F")
 S = TypeVar("S")
 
 
-@dataclass(frozen=True)
+@record
 class Rule(Generic[F, S]):
     """One row of a rule table: a reason code, its severity, the check and the remedy.
 
@@ -103,7 +105,7 @@ def run_rules(rules: tuple[Rule[F, S], ...], facts: F, subject: S, name: str, ou
     return False
 
 
-@dataclass(frozen=True)
+@record
 class FrameDecision:
     """The plan for one live frame; translate.py turns it into bytes."""
 
@@ -117,8 +119,10 @@ class FrameDecision:
     pkru: int | None = None  # PKRU value to carry when the destination has protection keys
 
 
-@dataclass(frozen=True)
+@record
 class ThreadPlan:
+    """The plan for one thread: its frames, its findings, and the rewrites of its core."""
+
     state: ThreadState
     frames: tuple[FrameDecision, ...]
     findings: tuple[Finding, ...]
@@ -138,7 +142,7 @@ class ThreadPlan:
         return "keep"
 
 
-@dataclass(frozen=True)
+@record
 class ProcessPlan:
     """The plan for what one process's glibc cached at start-up (plan/glibc_rules.py)."""
 
@@ -148,8 +152,10 @@ class ProcessPlan:
     size_patches: tuple[tuple[int, int], ...] = ()  # (address, new save-area size) to write
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
+    """The whole decision for one destination: per-thread, per-process and checkpoint findings."""
+
     dest: HostFacts
     threads: tuple[ThreadPlan, ...]
     findings: tuple[Finding, ...] = field(default=())

@@ -13,17 +13,18 @@ table: one row per reason code (README, "Plan JSON and reason codes"; docs/glibc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from criu_xstate.glibc import IFUNC_FEATURES, GlibcState, GlibcUnread, SaveArea, needed, rewritten
 from criu_xstate.plan.findings import Hit, Rule, Severity
 from criu_xstate.plan.inputs import HostFacts
+from criu_xstate.records import record
 
 FLAG_OF = {f.name: f.flag for f in IFUNC_FEATURES}
 
 
-@dataclass(frozen=True)
+@record
 class GlibcFacts:
+    """What the glibc rules look at: one process's glibc state and the destination."""
+
     state: GlibcState | GlibcUnread
     dest: HostFacts
 

@@ -9,15 +9,15 @@ since their ``xfeatures`` are the source kernel's. docs/plan-rules.md has the ru
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 from criu_xstate import hosts
 from criu_xstate.frames import SignalFrame
+from criu_xstate.records import record
 from criu_xstate.x86.xfeatures import implied_flags
 from criu_xstate.x86.xsave import MIN_XSTATE_SIZE, layout_end
 
 
-@dataclass(frozen=True)
+@record
 class HostFacts:
     """What the rules need to know about the destination (a host profile or a fleet baseline)."""
 
@@ -47,7 +47,7 @@ class HostFacts:
         return layout_end(self.offsets, mask, skip_missing=True) or MIN_XSTATE_SIZE
 
 
-@dataclass(frozen=True)
+@record
 class SourceFacts:
     """What is known of the source host: from a ``--src`` profile, a cpuinfo.img, or only from frames."""
 

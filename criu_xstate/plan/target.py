@@ -4,10 +4,9 @@ whether the image fits in place or moves to a new mapping (docs/plan-rules.md, d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from criu_xstate.frames import SignalFrame
 from criu_xstate.plan.facts import ComponentState, FrameFacts
+from criu_xstate.records import record
 from criu_xstate.x86.sigframe import RED_ZONE
 from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, PKRU, XTILEDATA
 from criu_xstate.x86.xsave import XSAVE_ALIGN, image_bytes
@@ -15,8 +14,10 @@ from criu_xstate.x86.xsave import XSAVE_ALIGN, image_bytes
 MAX_PADDING = XSAVE_ALIGN  # fpstate is 64-byte aligned: at most 63 bytes lie above the image
 
 
-@dataclass(frozen=True)
+@record
 class Target:
+    """What a translated frame image is to be: kept features, PKRU, size, and where it goes."""
+
     keep: int  # xstate_bv / xfeatures of the rewritten image
     pkru: int | None  # PKRU value to carry (the destination has protection keys)
     size: int  # xstate_size of the rewritten image

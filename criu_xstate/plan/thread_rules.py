@@ -8,16 +8,17 @@ PKRU_RULES once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from criu_xstate.model import ThreadState
 from criu_xstate.plan.findings import Hit, Rule, Severity
 from criu_xstate.plan.inputs import HostFacts
+from criu_xstate.records import record
 from criu_xstate.x86.xfeatures import INIT_PKRU, LEGACY, PKRU, bits, component_name
 
 
-@dataclass(frozen=True)
+@record
 class ThreadFacts:
+    """What the thread rules look at: one thread's current state and the destination."""
+
     state: ThreadState
     dest: HostFacts
 

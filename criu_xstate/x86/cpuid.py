@@ -15,10 +15,10 @@ import ctypes
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from criu_xstate.errors import ProbeError
+from criu_xstate.records import field, record
 from criu_xstate.x86 import sigreturn_probe
 
 ARCH_GET_XCOMP_SUPP = 0x1021
@@ -37,7 +37,7 @@ _XGETBV_CODE = bytes.fromhex("89f9 0f01d0 48c1e220 4809d0 c3".replace(" ", ""))
 _FXSAVE_CODE = bytes.fromhex("0fae07c3")
 
 
-@dataclass
+@record(frozen=False)
 class RawFacts:
     """What a probe reads, before interpretation. Keys of ``cpuid`` are ``(leaf, subleaf)``."""
 

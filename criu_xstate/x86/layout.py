@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
 from functools import cached_property
 
+from criu_xstate.records import record
 
-@dataclass(frozen=True)
+
+@record
 class Field:
+    """One little-endian field of a C structure."""
+
     name: str
     offset: int
     fmt: str  # struct format of one little-endian value: "Q", "I", "H", "i"
 
 
-@dataclass(frozen=True)
+@record
 class Struct:
+    """A C structure's size and fields: declared once, read and written from the same table."""
+
     name: str
     size: int
     fields: tuple[Field, ...]

@@ -26,8 +26,8 @@ import select
 import signal
 import struct
 import time
-from dataclasses import dataclass
 
+from criu_xstate.records import record
 from criu_xstate.x86.sigframe import RT_SIGFRAME_64, SA_RESTORER, SA_SIGINFO
 from criu_xstate.x86.xsave import (
     FP_XSTATE_MAGIC2,
@@ -79,7 +79,7 @@ assert (_UC_FPSTATE, _SW_SIZE, _SW_EXT, _SW_XF, XSAVE_HEADER_OFFSET) == (224, 48
 assert struct.pack("<I", FP_XSTATE_MAGIC2) == bytes.fromhex("45585046")
 
 
-@dataclass(frozen=True)
+@record
 class Run:
     """One signal round trip: what the handler saw and what YMM15 held afterwards."""
 
@@ -98,8 +98,10 @@ class Run:
         return "zeroed" if not any(self.ymm[16:]) else "other"
 
 
-@dataclass(frozen=True)
+@record
 class Measurement:
+    """What one sigreturn probe run saw."""
+
     outcome: str  # one of OUTCOMES
     detail: str
     seconds: float = 0.0

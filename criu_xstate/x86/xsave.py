@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
+from criu_xstate.records import record
 from criu_xstate.x86.layout import Field, Struct
 from criu_xstate.x86.xfeatures import LEGACY
 
@@ -82,7 +82,7 @@ def layout_end(
     return end
 
 
-@dataclass(frozen=True)
+@record
 class SwBytes:
     """``struct _fpx_sw_bytes`` at image + 464."""
 
@@ -124,7 +124,7 @@ def magic2_at(image: bytes, xstate_size: int) -> int:
     return int(struct.unpack_from("<I", image, xstate_size)[0])
 
 
-@dataclass(frozen=True)
+@record
 class XsaveImage:
     """A read view of an image's bytes (as much of it as ``raw`` holds); fields it lacks are None."""
 
