@@ -93,7 +93,7 @@ def test_a_record_behaves_as_the_dataclass_with_the_same_declaration(
     if frozen:
         assert _outcome(lambda: hash(a))[0] == _outcome(lambda: hash(b))[0]
         if _outcome(lambda: hash(a))[0] == "ok":
-            assert hash(a) == hash(twin)
+            assert hash(a) == hash(twin) == hash(b)  # the hash of the field tuple, as a dataclass's
     assert ours.__match_args__ == theirs.__match_args__  # type: ignore[attr-defined]
     assert hasattr(a, "__dict__") is hasattr(b, "__dict__")
     if spec:
