@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import stat
 from collections.abc import Iterator
@@ -222,6 +221,7 @@ def open_checkpoint(path: Path) -> Iterator[Checkpoint]:
         return
     if not is_archive(path):
         raise ImageError(path, "neither an images directory nor a checkpoint archive (tar, gzip or zstd)")
+    import shutil  # archives only: the hook's directories do without (~3 ms of imports)
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="criu-xstate-"))
