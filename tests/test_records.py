@@ -8,6 +8,7 @@ arguments, __post_init__, slots and cached_property.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import string
@@ -101,6 +102,7 @@ def test_a_record_behaves_as_the_dataclass_with_the_same_declaration(
         assert repr(records.replace(a, **change)) == repr(dataclasses.replace(b, **change))
     assert _outcome(lambda: records.replace(a, zz=1))[0] == _outcome(lambda: dataclasses.replace(b, zz=1))[0]
     assert records.as_dict(a) == dataclasses.asdict(b)
+    assert _outcome(lambda: copy.copy(a) == a) == _outcome(lambda: copy.copy(b) == b)
     assert [f.name for f in records.fields(a)] == [f.name for f in dataclasses.fields(b)]
     for attr in [*names[:1], "new_attribute"]:  # last: a mutable record may lose a field here
         for act in (setattr, delattr):
