@@ -22,15 +22,15 @@ turns the instance's inline attribute values into a real dict: 216 bytes an inst
 Copies and pickles work as a dataclass's (a frozen slots record gets ``__getstate__``/``__setstate__``).
 Not supported, because nothing here uses it: ``order``, ``kw_only``, ``InitVar``, ``init=False``,
 ``compare=False``, and a class's own ``__init__``/``__eq__``/``__hash__``/``__repr__``/``__setattr__``/
-``__delattr__`` (refused). ``ClassVar`` annotations are recognised by their text, as dataclasses does for
-string annotations.
+``__delattr__`` (refused). ``ClassVar`` annotations are not fields, whether strings (recognised by their
+text, as dataclasses does) or objects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from operator import attrgetter
-from typing import Any, TypeVar, dataclass_transform, overload
+from typing import Any, ClassVar, TypeVar, dataclass_transform, get_origin, overload
 
 T = TypeVar("T")
 C = TypeVar("C", bound=type)
@@ -133,7 +133,10 @@ def _plain(value: object) -> object:
 
 def _own_fields(cls: type) -> Iterator[Field]:
     for name, annotation in cls.__dict__.get("__annotations__", {}).items():  # noqa: RUF063 (no inspect)
-        if isinstance(annotation, str) and annotation.startswith(("ClassVar", "typing.ClassVar")):
+        if isinstance(annotation, str):  # this package's modules: `from __future__ import annotations`
+            if annotation.startswith(("ClassVar", "typing.ClassVar")):
+                continue
+        elif annotation is ClassVar or get_origin(annotation) is ClassVar:
             continue
         value = cls.__dict__.get(name, MISSING)
         f = value if isinstance(value, Field) else Field(value, None, True)

@@ -196,3 +196,11 @@ def test_every_record_of_the_package_is_built_by_records() -> None:
         for value in vars(module).values():
             if isinstance(value, type) and value.__module__ == info.name:
                 assert not dataclasses.is_dataclass(value), f"{info.name}.{value.__name__} is a dataclass"
+
+
+def test_class_variables_are_not_fields_whether_annotations_are_strings_or_objects() -> None:
+    for annotation in ("ClassVar[int]", ClassVar[int], ClassVar):
+        cls = record(
+            type("R", (), {"__annotations__": {"a": "int", "LIMIT": annotation}, "LIMIT": 3, "__doc__": "r"})
+        )
+        assert [f.name for f in records.fields(cls)] == ["a"] and cls(1).LIMIT == 3
