@@ -371,3 +371,86 @@ def test_any_nonzero_is_any_of_the_elements_protobuf_reads(data: Any) -> None:
             fresh = wire.decode(wire.message_type(name), payload + extra)  # nothing converted yet
             assert wire.any_nonzero(fresh, f.name) == any(getattr(ref, f.name)), f.name
             assert wire.any_nonzero(fresh, f.name) == any(getattr(fresh, f.name))  # and once converted
+
+
+# Every repeated message or bytes field: what wire.count_field may be asked to count.
+COUNTABLE = [
+    (name, row[0])
+    for name, rows in sorted(MESSAGES.items())
+    for row in rows
+    if row[3] and row[2] in ("message", "bytes")
+]
+
+
+def _count_agrees(name: str, field: str, data: bytes) -> None:
+    """count_field counts what decode reads, and refuses nothing decode accepts."""
+    cls = wire.message_type(name)
+    try:
+        decoded = wire.decode(cls, data)
+    except wire.DecodeError:
+        decoded = None
+    try:
+        counted = wire.count_field(cls, data, field)
+    except wire.DecodeError:
+        assert decoded is None, (name, field, data)  # it looks at the top level only: a subset of decode
+        return
+    if decoded is not None:
+        assert counted == len(getattr(decoded, field)), (name, field, data)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_count_field_counts_what_decode_reads(data: Any) -> None:
+    name, field = data.draw(st.sampled_from(COUNTABLE))
+    how = data.draw(st.sampled_from(["built", "arbitrary", "fixture"]))
+    if how == "built":
+        rng = random.Random(data.draw(st.integers(0, 2**32)))
+        payload = _reshape(data.draw(built(name)).SerializeToString(), rng)
+    elif how == "arbitrary":
+        payload = data.draw(st.binary(max_size=64))
+    else:
+        fixtures = [p for n, p, _ in FIXTURE_ENTRIES if n == name]
+        if not fixtures:
+            return
+        payload = bytearray(data.draw(st.sampled_from(fixtures)))
+        if payload and data.draw(st.booleans()):
+            payload[data.draw(st.integers(0, len(payload) - 1))] = data.draw(st.integers(0, 255))
+        payload = bytes(payload)
+    _count_agrees(name, field, payload)
+
+
+def test_count_field_on_every_fixture_entry() -> None:
+    checked = 0
+    for name, payload, _ in FIXTURE_ENTRIES:
+        for message, field in COUNTABLE:
+            if message == name:
+                _count_agrees(name, field, payload)
+                checked += 1
+    assert checked >= 10  # mm vmas, pstree, core's tls, files ...
+
+
+VMA = b"\x08\x01\x10\x02"  # start 1, end 2
+
+
+@pytest.mark.parametrize(
+    "data, count",
+    [
+        (b"", 0),
+        (b"\x72\x04" + VMA + b"\x72\x00", 2),  # an empty area counts: it decodes as one
+        (b"\x70\x05" + b"\x72\x04" + VMA, 1),  # the areas' number as a varint: an unknown field
+        (b"\xf2\x80\x80\x00\x04" + VMA, 1),  # its tag in four bytes
+        (b"\x72\x05" + VMA, None),  # longer than what is left
+        (b"\x72\x04" + VMA + b"\x0e", None),  # wire type 6 after it
+        (b"\x00\x01", None),  # field number 0
+        (b"\x72\x04" + VMA + b"\x80", None),  # a truncated tag
+    ],
+)
+def test_count_field_edge_cases(data: bytes, count: int | None) -> None:
+    mm = wire.message_type("mm_entry")
+    if count is None:
+        with pytest.raises(wire.DecodeError):
+            wire.count_field(mm, data, "vmas")
+        with pytest.raises(wire.DecodeError):
+            wire.decode(mm, data)
+    else:
+        assert wire.count_field(mm, data, "vmas") == count == len(wire.decode(mm, data).vmas)

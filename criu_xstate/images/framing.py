@@ -205,10 +205,21 @@ def read_messages(path: Path, kind: ImageKind, cls: type[M], max_entries: int = 
 
 
 def read_single(path: Path, kind: ImageKind, cls: type[M]) -> M:
-    img = read_messages(path, kind, cls, max_entries=1)  # a second entry is refused before decoding
-    if len(img.entries) != 1:
-        raise ImageError(path, f"expected one {cls.NAME} entry, found {len(img.entries)}")
-    return img.entries[0]
+    return single_entry(read_raw(path, kind, max_entries=1), cls)  # a second entry: refused unread
+
+
+def single_entry(raw: RawImage, cls: type[M]) -> M:
+    if len(raw.payloads) != 1:
+        raise ImageError(raw.path, f"expected one {cls.NAME} entry, found {len(raw.payloads)}")
+    return decode(raw.payloads[0], cls, raw.path, 0)
+
+
+def field_count(payload: bytes, cls: type[M], name: str, path: str, index: int = 0) -> int:
+    """Occurrences of a repeated field in an entry, counted without decoding it (wire.count_field)."""
+    try:
+        return wire.count_field(cls, payload, name)
+    except wire.DecodeError as exc:
+        raise ImageError(path, f"entry {index}: not a valid {cls.NAME}: {exc}") from None
 
 
 # The entry types of protos/ by image kind (wire.message_type(name) reads one, rewrite.PB_TYPES writes it).

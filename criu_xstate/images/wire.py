@@ -219,6 +219,22 @@ def decode(cls: type[M], data: bytes) -> M:
     return msg
 
 
+def count_field(cls: type[Message], data: bytes, name: str) -> int:
+    """How many times the repeated message or bytes field ``name`` occurs in ``data`` at the top level,
+    each occurrence skipped, not decoded: a bound a caller checks before decoding a large entry (an
+    mm image's areas). Refuses with :class:`DecodeError` what :func:`decode` refuses at the top level."""
+    (number,) = (
+        f.number for f in cls.FIELDS if f.name == name and f.repeated and f.type in ("message", "bytes")
+    )
+    wanted, count, pos, end = number << 3 | 2, 0, 0, len(data)
+    while pos < end:
+        start = pos
+        tag, pos = _tag(data, pos)
+        count += tag == wanted
+        pos = _skip(data, pos, tag, start, 0)
+    return count
+
+
 def _length(data: bytes, pos: int, start: int) -> tuple[int, int]:
     if pos >= len(data):
         raise DecodeError(f"truncated field at offset {start}")
@@ -383,4 +399,14 @@ def message_type(name: str) -> type[Message]:
     return TYPES[name]
 
 
-__all__ = ["MAX_DEPTH", "TYPES", "DecodeError", "Field", "Message", "any_nonzero", "decode", "message_type"]
+__all__ = [
+    "MAX_DEPTH",
+    "TYPES",
+    "DecodeError",
+    "Field",
+    "Message",
+    "any_nonzero",
+    "count_field",
+    "decode",
+    "message_type",
+]
