@@ -174,7 +174,7 @@ def _build(cls: C, frozen: bool, slots: bool) -> C:
     if slots:
         cls = _with_slots(cls, names)
     methods = {"__init__": _init(all_fields, frozen, hasattr(cls, "__post_init__"))}
-    methods.update(_compare(names, frozen) if frozen else {**_compare(names, frozen), "__hash__": None})
+    methods.update(_compare(names, frozen))
     methods["__repr__"] = _repr(tuple(f.name for f in all_fields if f.repr))
     if frozen:
         methods.update(_frozen(cls, names))
@@ -239,7 +239,7 @@ def _compare(names: tuple[str, ...], frozen: bool) -> dict[str, Any]:
     def __hash__(self: object) -> int:
         return hash(values(self))
 
-    return {"__eq__": __eq__, "__hash__": __hash__} if frozen else {"__eq__": __eq__}
+    return {"__eq__": __eq__, "__hash__": __hash__ if frozen else None}  # mutable: unhashable
 
 
 def _repr(shown: tuple[str, ...]) -> Callable[[object], str]:
