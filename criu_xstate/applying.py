@@ -11,6 +11,7 @@ docs/journal.md has the argument.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,13 +69,22 @@ def verify_compatible(images: Path, dest: HostFacts, opts: Options) -> None:
 
 
 def apply_in_place(
-    images: Path, dest: HostFacts, opts: Options, description: str, *, write: bool = True
+    images: Path,
+    dest: HostFacts | Callable[[CheckpointModel], HostFacts],
+    opts: Options,
+    description: str,
+    *,
+    write: bool = True,
 ) -> Outcome:
-    """Plan ``images`` for ``dest`` and, if it needs translating and ``write``, translate it in place."""
+    """Plan ``images`` for ``dest`` and, if it needs translating and ``write``, translate it in place.
+    ``dest`` may be a function of the checkpoint read under the lock (the hook probes only what the
+    checkpoint needs judged: hook._probed)."""
     with transaction(images) as tx:
         tx.check_unchanged()
         with open_checkpoint(images) as ck:
             model = load_model(ck)
+            if callable(dest):
+                dest = dest(model)
             plan = _plan(model, dest, opts, relocate=opts.allow_relocation)
             if plan.verdict is not Verdict.TRANSLATE or not write:
                 return Outcome(plan)

@@ -553,10 +553,10 @@ def _round16(v: int) -> int:
     return (v + 15) & ~15
 
 
-def probe_local(name: str, *, sigreturn: str | None = None) -> HostProfile:
+def probe_local(name: str, *, sigreturn: str | None = None, skip_self_test: str | None = None) -> HostProfile:
     from criu_xstate.x86.cpuid import probe_raw
 
-    return profile_from_facts(probe_raw(), name, sigreturn=sigreturn)
+    return profile_from_facts(probe_raw(skip_self_test=skip_self_test), name, sigreturn=sigreturn)
 
 
 # --- CRIU cpuinfo.img -------------------------------------------------------------------------------

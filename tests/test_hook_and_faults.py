@@ -101,3 +101,44 @@ def test_apply_on_a_full_filesystem_changes_nothing(
         assert _snapshot(ck) == before  # nothing changed, and no file of ours is left
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize(
+    ("fixture", "self_test"), [("nohandler", False), ("stale", False), ("plain", True), ("threads", True)]
+)
+def test_the_hook_runs_the_sigreturn_self_test_only_when_a_thread_has_a_signal_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fixture: str, self_test: bool
+) -> None:
+    """The self-test forks a child inside every restore; its rule judges live signal frames only (a
+    stale frame is reported, never planned). Either way the plan is the one a fully measured probe of
+    this host gives."""
+    from criu_xstate import hook, hosts
+    from criu_xstate.applying import Options, _plan
+    from criu_xstate.images import open_checkpoint
+    from criu_xstate.model import load_model
+    from criu_xstate.plan import facts_from_profile
+    from criu_xstate.report.json import plan_json
+    from criu_xstate.x86 import cpuid
+
+    runs: list[int] = []
+    measure = cpuid._measure_sigreturn
+    monkeypatch.setattr(
+        cpuid, "_measure_sigreturn", lambda facts, ok: (runs.append(1), measure(facts, ok))[1]
+    )
+    ck = tmp_path / "ck"
+    shutil.copytree(REPO / "tests" / "fixtures" / fixture, ck)
+    monkeypatch.setenv("CRTOOLS_SCRIPT_ACTION", "pre-restore")
+    monkeypatch.setenv("CRTOOLS_IMAGE_DIR", str(ck))
+    monkeypatch.setenv("CRIU_XSTATE_DEST", "probe")
+    monkeypatch.setenv("CRIU_XSTATE_MODE", "check")
+    assert main(["hook"]) in (0, 1)
+    assert bool(runs) is self_test
+    with open_checkpoint(ck) as c:
+        model = load_model(c)
+        probed = hook._probed(model)
+        measured = facts_from_profile(hosts.probe_local(probed.name))
+        a, b = (plan_json(_plan(model, d, Options(), relocate=True)) for d in (probed, measured))
+    assert (probed == measured) is self_test
+    for doc in (a, b):
+        doc.pop("dest")  # the destination's facts: the sigreturn rule guessed or measured
+    assert a == b
