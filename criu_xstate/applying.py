@@ -180,6 +180,8 @@ def _by_pagemap(cs: ChangeSet) -> dict[str, dict[int, bytes]]:
 def _copy_images(src: Path, out: Path, changes: list[Change]) -> None:
     """Every file of ``src`` into ``out``: hard links where possible (in-place writes later unshare
     them, see fsio), copies for the files about to be edited and when linking fails."""
+    import shutil
+
     edited = {c.name for c in changes}
     for entry in sorted(src.iterdir()):
         if entry.name == JOURNAL or entry.name.startswith(".criu-xstate"):
@@ -191,16 +193,12 @@ def _copy_images(src: Path, out: Path, changes: list[Change]) -> None:
             os.symlink(entry.resolve(), dest)  # `parent`: keep pointing at the original chain
         elif entry.is_file():
             if entry.name in edited:
-                import shutil
-
                 shutil.copyfile(entry, dest)
                 shutil.copymode(entry, dest)
             else:
                 try:
                     os.link(entry, dest)
                 except OSError:
-                    import shutil
-
                     shutil.copy2(entry, dest)
 
 

@@ -56,12 +56,12 @@ def run(args: object = None) -> int:
     return _pre_restore(os.path.realpath(image_dir), config)
 
 
-def _destination(dest: str) -> HostFacts:
+def _destination(dest: str, *, skip_self_test: str | None = None) -> HostFacts:
     from criu_xstate import hosts
     from criu_xstate.plan import facts_from_profile
 
-    if dest == "probe":
-        profile = hosts.probe_local(os.uname().nodename)  # gethostname(), without the socket module
+    if dest == "probe":  # the node name: gethostname(), without the socket module
+        profile = hosts.probe_local(os.uname().nodename, skip_self_test=skip_self_test)
     else:
         import argparse  # profiles.resolve is also the command line's type check
 
@@ -78,12 +78,9 @@ def _probed(model: CheckpointModel) -> HostFacts:
     """This host, for this checkpoint: the sigreturn self-test (a forked child, ~3 ms of the restore)
     only when a thread of it was in a signal handler. The rule it measures is read by the plan of a
     live frame and by nothing else (plan/make.py plans live frames only: frame_rules.py, target.py)."""
-    from criu_xstate import hosts
-    from criu_xstate.plan import facts_from_profile
-
     live = any(f.live for t in model.threads() for f in t.frames.frames)
     why = None if live else "no thread of the checkpoint is in a signal handler (the rule judges frames)"
-    return facts_from_profile(hosts.probe_local(os.uname().nodename, skip_self_test=why))
+    return _destination("probe", skip_self_test=why)
 
 
 def _pre_restore(image_dir: str, config: HookConfig) -> int:

@@ -188,7 +188,11 @@ def decode(payload: bytes, cls: type[M], path: str, index: int) -> M:
     try:
         return wire.decode(cls, payload)
     except wire.DecodeError as exc:
-        raise ImageError(path, f"entry {index}: not a valid {cls.NAME}: {exc}") from None
+        raise _invalid(path, index, cls, exc) from None
+
+
+def _invalid(path: str, index: int, cls: type[M], exc: wire.DecodeError) -> ImageError:
+    return ImageError(path, f"entry {index}: not a valid {cls.NAME}: {exc}")
 
 
 @record
@@ -219,7 +223,7 @@ def field_count(payload: bytes, cls: type[M], name: str, path: str, index: int =
     try:
         return wire.count_field(cls, payload, name)
     except wire.DecodeError as exc:
-        raise ImageError(path, f"entry {index}: not a valid {cls.NAME}: {exc}") from None
+        raise _invalid(path, index, cls, exc) from None
 
 
 # The entry types of protos/ by image kind (wire.message_type(name) reads one, rewrite.PB_TYPES writes it).
