@@ -421,6 +421,9 @@ def test_sigterm_during_extraction_leaves_no_temporary_files(tmp_path: Path) -> 
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # Python honours an inherited SIG_IGN for SIGINT (as a shell's background job has it):
+            # the command must start with the default disposition for Ctrl-C to be tested at all
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         deadline = time.monotonic() + 30
         while not any(tmpdir.rglob("pages-99.img")):  # extraction has begun
