@@ -14,7 +14,6 @@ the journal, only after a translation (docs/journal.md). docs/hook.md has the wh
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -134,6 +133,8 @@ def _record(config: HookConfig, images: Path, dest: str, decision: str, codes: l
     log = config.log
     if not log:
         return
+    import json  # only with a log: json is ~1 ms of a hook's start-up
+
     line = json.dumps(
         {
             "schema": "criu-xstate/hook-decision/v1",

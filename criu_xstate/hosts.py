@@ -8,7 +8,6 @@ offset and size, the kernel's sigreturn rule and the CPU flags. YAML is read wit
 from __future__ import annotations
 
 import itertools
-import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -368,6 +367,8 @@ def _kernel_to_dict(k: KernelInfo) -> dict[str, Any]:
 def dump_profile(p: HostProfile, *, as_json: bool = False) -> str:
     data = profile_to_dict(p)
     if as_json:
+        import json
+
         return json.dumps(data, indent=2) + "\n"
     import yaml  # only when a profile is written: the hook's start-up does not pay for it
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import marshal
 import os
 import shutil
 import signal
@@ -131,13 +132,15 @@ def test_judge_when_the_handler_never_ran() -> None:
 
 
 def test_interpret_child_failures() -> None:
-    assert sp.interpret("", signal.SIGSEGV).detail == "self-test child killed by SIGSEGV"
-    assert sp.interpret("", 0).outcome == "unknown"
-    err = sp.interpret(json.dumps({"error": "PermissionError: no exec"}), 256)
+    assert sp.interpret(b"", signal.SIGSEGV).detail == "self-test child killed by SIGSEGV"
+    assert sp.interpret(b"", 0).outcome == "unknown"
+    err = sp.interpret(marshal.dumps({"error": "PermissionError: no exec"}), 256)
     assert err.outcome == "unknown" and "PermissionError" in err.detail
     runs = [[2432, 0xE7, KEPT.hex()], [2432, 0xE7, ZEROED.hex()]]
-    assert sp.interpret(json.dumps({"size": 832, "runs": runs}), 0).outcome == "user-size"
-    assert sp.interpret(json.dumps({"size": None, "runs": runs[:1] * 2}), 0).outcome == "cannot-matter"
+    assert sp.interpret(marshal.dumps({"size": 832, "runs": runs}), 0).outcome == "user-size"
+    assert sp.interpret(marshal.dumps({"size": None, "runs": runs[:1] * 2}), 0).outcome == "cannot-matter"
+    for garbage in (b"\xff not marshal", marshal.dumps([1, 2]), marshal.dumps({"runs": 5})[:-1]):
+        assert sp.interpret(garbage, 0).outcome == "unknown"
 
 
 # --- on this machine -----------------------------------------------------------------------------

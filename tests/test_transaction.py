@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from criu_xstate import fsio, transaction
+from criu_xstate import fsio, journal, transaction
 from criu_xstate.errors import ApplyError
 from criu_xstate.transaction import Append, ByteEdit, FileWrite, apply_changes, journal_state, undo
 
@@ -136,3 +140,26 @@ def test_names_outside_the_directory_are_refused(tmp_path: Path) -> None:
 def test_undo_without_journal(tmp_path: Path) -> None:
     with pytest.raises(ApplyError, match="nothing to undo"):
         undo(_checkpoint(tmp_path))
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=48),
+        st.text(alphabet="ABCabc019+/=-_ \n\x00", max_size=24).map(str.encode),
+        st.binary(max_size=36).map(base64.b64encode),
+    )
+)
+def test_the_journals_base64_is_the_standard_librarys(text: bytes) -> None:
+    """The journal decodes base64 with binascii (no base64 module in the hook): what
+    ``base64.b64decode(validate=True)`` accepts, with the same bytes, and nothing else."""
+    try:
+        want: bytes | None = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        want = None
+    try:
+        got: bytes | None = journal._b64decode(text)
+    except binascii.Error:
+        got = None
+    assert got == want
+    if want is not None:
+        assert journal._b64(want).encode() == base64.b64encode(want)
