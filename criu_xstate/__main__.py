@@ -1,7 +1,5 @@
 """``python -m criu_xstate``: the same command line as ``criu-xstate``."""
 
-import sys
+from criu_xstate.cli import console
 
-from criu_xstate.cli import main
-
-sys.exit(main())
+console()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from criu_xstate import __version__
 from criu_xstate.errors import CriuXstateError, ExitCode
@@ -313,6 +314,29 @@ def hook_main() -> int:
     return _guarded(lambda: _dispatch(_cmd_hook, None))
 
 
+def console() -> NoReturn:
+    """The ``criu-xstate`` program (and ``python -m criu_xstate``): :func:`main`, then :func:`leave`."""
+    leave(main())
+
+
+def hook_script() -> NoReturn:
+    """What the installed action script runs: :func:`hook_main`, then :func:`leave`."""
+    leave(hook_main())
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with ``code`` without the interpreter's finalization, which frees every module and object one
+    by one: ~6 ms of each hook inside a restore and ~9 ms of a one-thread plan (a quarter of what Python's
+    start-up costs), more with a large model. Nothing is left for it to do by then: every file the
+    command writes is closed before it returns, temporary directories are removed by the commands
+    themselves, and no thread or atexit handler is started. Only the standard streams are flushed here;
+    a reader that went away (``| head``) is not an error, as in :func:`_dispatch`."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: a stream already closed
+            stream.flush()
+    os._exit(code)
+
+
 def _guarded(command: Callable[[], int]) -> int:
     previous: dict[int, object] = {}
     for signo in (signal.SIGTERM, signal.SIGHUP):
@@ -369,4 +393,4 @@ def _dispatch(handler: Callable[[A], int], args: A) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -29,7 +29,7 @@ def script_text(config: Path, python: str, paths: Sequence[str]) -> str:
     finder); the directories it imports from are named here instead (`import_paths`)."""
     start = (
         f"import sys; sys.path[:0] = {json.dumps(list(paths))}; "
-        "from criu_xstate.cli import hook_main; sys.exit(hook_main())"
+        "from criu_xstate.cli import hook_script; hook_script()"
     )
     return (
         "#!/bin/sh\n"
