@@ -205,6 +205,9 @@ def _init(all_fields: tuple[Field, ...], frozen: bool, post_init: bool) -> Any:
     if template is None:
         template = _TEMPLATES[shape] = _template(*shape)
     names = {_placeholder(i): f.name for i, f in enumerate(all_fields)}
+    for name in names.values():  # the template's own names: a field of one would shadow it
+        if name in ("self", "_setattr", "_MISSING") or name.startswith("_factory_"):
+            raise TypeError(f"a record field cannot be named {name!r}")
     code = template.replace(
         co_varnames=tuple(names.get(n, n) for n in template.co_varnames),
         co_names=tuple(names.get(n, n) for n in template.co_names),

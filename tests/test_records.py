@@ -148,6 +148,14 @@ def test_a_record_may_not_define_what_it_generates() -> None:
                 return True
 
 
+@pytest.mark.parametrize("name", ["self", "_setattr", "_MISSING", "_factory_0"])
+def test_a_field_may_not_take_a_name_the_generated_init_uses(name: str) -> None:
+    """The template __init__ (one per shape) names its instance, object.__setattr__, the missing marker
+    and the factories: a field of one of those names is refused, not silently miscompiled."""
+    with pytest.raises(TypeError, match=f"cannot be named {name!r}"):
+        record(type("R", (), {"__annotations__": {name: "int"}, "__doc__": "r"}))
+
+
 def test_post_init_class_variables_generic_bases_and_cached_properties() -> None:
     seen = []
     T = TypeVar("T")
