@@ -329,8 +329,12 @@ def leave(code: int) -> NoReturn:
     by one: ~6 ms of each hook inside a restore and ~9 ms of a one-thread plan (a quarter of what Python's
     start-up costs), more with a large model. Nothing is left for it to do by then: every file the
     command writes is closed before it returns, temporary directories are removed by the commands
-    themselves, and no thread or atexit handler is started. Only the standard streams are flushed here;
-    a reader that went away (``| head``) is not an error, as in :func:`_dispatch`."""
+    themselves, and no thread is started. What a normal exit does besides is done here: atexit handlers
+    run (a coverage tool's or a test harness's: none of ours), then the standard streams are flushed; a
+    reader that went away (``| head``) is not an error, as in :func:`_dispatch`."""
+    import atexit
+
+    atexit._run_exitfuncs()  # CPython's own exit path, which os._exit skips
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(BrokenPipeError, ValueError):  # ValueError: a stream already closed
             stream.flush()
