@@ -260,11 +260,22 @@ class CheckpointModel:
             yield from p.threads
 
 
-def load_model(ck: Checkpoint) -> CheckpointModel:
+# From this many threads, cores are decoded by protobuf's upb (C) instead of images.wire: wire reads a
+# real-sized core in ~46 us against upb's ~3.5 and builds a Python object per sub-message, but importing
+# protobuf costs ~12-20 ms once. A plan breaks even at ~360 threads (docs/wire.md, "Many threads").
+COMPILED_CORES_FROM = 400
+
+
+def load_model(ck: Checkpoint, *, compiled_cores: bool | None = None) -> CheckpointModel:
+    """The processes and threads of ``ck``. ``compiled_cores``: decode the cores with upb (True) or
+    with wire (False); by default upb from :data:`COMPILED_CORES_FROM` threads on."""
+    pstree = ck.pstree()
+    if compiled_cores is None:
+        compiled_cores = sum(len(e.threads) or 1 for e in pstree) >= COMPILED_CORES_FROM
     processes: list[Process] = []
-    for entry in ck.pstree():
+    for entry in pstree:
         pid = int(entry.pid)
-        leader = ck.core(pid)
+        leader = ck.core(pid, compiled=compiled_cores)
         mm = ck.mm(pid)
         vmas = sorted(
             (Vma(int(v.start), int(v.end), int(v.prot), int(v.flags), int(v.status)) for v in mm.vmas),
@@ -274,7 +285,7 @@ def load_model(ck: Checkpoint) -> CheckpointModel:
         proc = Process(ck, pid, int(entry.ppid), comm, vmas, _sigactions(leader))
         tids = _ints(entry.threads) or [pid]
         for tid in tids:
-            core = leader if tid == pid else ck.core(tid)
+            core = leader if tid == pid else ck.core(tid, compiled=compiled_cores)
             ti = core.thread_info
             if not core.HasField("thread_info") or not ti.HasField("gpregs"):
                 raise ImageError(

@@ -454,3 +454,69 @@ def test_count_field_edge_cases(data: bytes, count: int | None) -> None:
             wire.decode(mm, data)
     else:
         assert wire.count_field(mm, data, "vmas") == count == len(wire.decode(mm, data).vmas)
+
+
+# --- many threads: cores decoded by upb (model.COMPILED_CORES_FROM) --------------------------------
+
+
+def _plans(ck_dir: Path, compiled: bool) -> tuple[list[object], list[dict[str, Any]]]:
+    from criu_xstate.commands.planning import load_destinations, plan_for
+    from criu_xstate.images import open_checkpoint
+    from criu_xstate.model import load_model
+    from criu_xstate.report import plan_json
+
+    hosts = sorted((Path(__file__).parents[1] / "criu_xstate" / "data" / "hosts").glob("*.yaml"))
+    dests = load_destinations([str(h) for h in hosts])
+    with open_checkpoint(ck_dir) as ck:
+        model = load_model(ck, compiled_cores=compiled)
+        states = [(t.tid, t.state(), t.frames) for t in model.threads()]
+        return states, [plan_json(plan_for(model, d, None, root=None)) for d in dests]
+
+
+@pytest.mark.parametrize("fixture", sorted(p.name for p in FIXTURES.iterdir() if (p / "pstree.img").exists()))
+def test_a_model_read_with_upb_is_the_model_read_with_wire(fixture: str) -> None:
+    """Every thread's state and frames, and the plan for every shipped host, whichever decoder read
+    the cores."""
+    assert _plans(FIXTURES / fixture, True) == _plans(FIXTURES / fixture, False)
+
+
+def test_a_core_upb_refuses_is_refused_with_wires_message(tmp_path: Path) -> None:
+    import shutil
+
+    from criu_xstate.errors import ImageError
+    from criu_xstate.images import open_checkpoint
+    from criu_xstate.model import load_model
+
+    ck_dir = tmp_path / "ck"
+    shutil.copytree(FIXTURES / "threads", ck_dir)
+    core = sorted(ck_dir.glob("core-*.img"))[-1]
+    raw = framing.read_raw(core, framing.CORE)
+    damaged = raw.payloads[0][:-3]  # the last field cut short
+    core.write_bytes(framing.encode_image(framing.CORE.head, framing.CORE.magic, [damaged]))
+    messages = []
+    for compiled in (True, False):
+        with open_checkpoint(ck_dir) as ck, pytest.raises(ImageError) as exc:
+            load_model(ck, compiled_cores=compiled)
+        messages.append(str(exc.value))
+    assert messages[0] == messages[1] and "not a valid core_entry" in messages[0], messages
+
+
+@pytest.mark.parametrize("above", [True, False])
+def test_cores_are_read_by_upb_from_the_thread_count_on(above: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from criu_xstate import model as model_mod
+    from criu_xstate.images import open_checkpoint
+
+    calls: list[Path] = []
+    real = framing.read_single_compiled
+
+    def counted(path: Path, *args: Any) -> Any:
+        calls.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(framing, "read_single_compiled", counted)
+    with open_checkpoint(FIXTURES / "threads") as ck:
+        threads = sum(len(e.threads) or 1 for e in ck.pstree())
+        monkeypatch.setattr(model_mod, "COMPILED_CORES_FROM", threads if above else threads + 1)
+        m = model_mod.load_model(ck)
+        assert len(list(m.threads())) == threads
+    assert len(calls) == (threads if above else 0)

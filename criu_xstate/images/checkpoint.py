@@ -74,10 +74,16 @@ class Checkpoint:
             raise ImageError(self.dir / "pstree.img", "no processes")
         return list(img.entries)
 
-    def core(self, tid: int) -> Message:
+    def core(self, tid: int, *, compiled: bool = False) -> Message:
         """Read and decoded on every call, not kept: the model reads each core once and keeps what it
-        needs; 4000 decoded cores kept alive cost a 4000-thread plan ~90 ms of collector passes."""
-        return framing.read_single(self.dir / f"core-{tid}.img", framing.CORE, framing.CORE_ENTRY)
+        needs; 4000 decoded cores kept alive cost a 4000-thread plan ~90 ms of collector passes.
+        ``compiled``: decoded by protobuf's upb instead of wire (the model's choice for a checkpoint of
+        many threads, model.COMPILED_CORES_FROM): the same fields and errors, another type."""
+        path = self.dir / f"core-{tid}.img"
+        if compiled:
+            entry: Message = framing.read_single_compiled(path, framing.CORE, framing.CORE_ENTRY)
+            return entry
+        return framing.read_single(path, framing.CORE, framing.CORE_ENTRY)
 
     def mm(self, pid: int) -> Message:
         if pid not in self._mms:

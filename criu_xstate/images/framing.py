@@ -14,7 +14,7 @@ import os
 import stat
 import struct
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from criu_xstate.errors import ImageError
 from criu_xstate.images import wire
@@ -216,6 +216,26 @@ def single_entry(raw: RawImage, cls: type[M]) -> M:
     if len(raw.payloads) != 1:
         raise ImageError(raw.path, f"expected one {cls.NAME} entry, found {len(raw.payloads)}")
     return decode(raw.payloads[0], cls, raw.path, 0)
+
+
+def read_single_compiled(path: Path, kind: ImageKind, cls: type[M]) -> Any:
+    """:func:`read_single` with the entry decoded by protobuf's upb (C) instead of :mod:`wire`: the same
+    fields behind the same names and ``HasField`` (tests/test_wire.py holds the two decoders to one
+    result, or both refusing), for a checkpoint of so many threads that wire's per-field Python loop
+    is most of a plan (docs/wire.md, "Many threads"). An entry upb refuses is decoded by wire for the
+    error it reports, so the message is the one :func:`read_single` gives."""
+    from google.protobuf.message import DecodeError
+
+    from criu_xstate.images.rewrite import PB_TYPES  # protobuf (~20 ms): imported by the first call only
+
+    raw = read_raw(path, kind, max_entries=1)
+    if len(raw.payloads) != 1:
+        raise ImageError(raw.path, f"expected one {cls.NAME} entry, found {len(raw.payloads)}")
+    try:
+        return PB_TYPES[cls.NAME].FromString(raw.payloads[0])
+    except (DecodeError, RuntimeWarning, ValueError) as exc:  # as rewrite.decode_pb catches
+        decode(raw.payloads[0], cls, raw.path, 0)  # raises, with wire's account of what is wrong
+        raise ImageError(raw.path, f"entry 0: not a valid {cls.NAME}: protobuf refuses it ({exc})") from None
 
 
 def field_count(payload: bytes, cls: type[M], name: str, path: str, index: int = 0) -> int:

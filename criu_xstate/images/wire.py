@@ -223,7 +223,10 @@ class _LazyVarints:
 def any_nonzero(msg: Message, name: str) -> bool:
     """Whether the repeated varint field ``name`` of ``msg`` holds a non-zero element: ``any(getattr(msg,
     name))`` without converting the elements after the first non-zero one (an XSAVE component in use
-    has one among its first few; the model asks this of every thread's components)."""
+    has one among its first few; the model asks this of every thread's components). ``msg`` may also be
+    protobuf's (a core read with ``compiled=True``), whose elements are integers already."""
+    if not isinstance(msg, Message):
+        return any(getattr(msg, name))
     d = msg.__dict__
     if name in d:
         return any(d[name])
