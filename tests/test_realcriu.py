@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,6 +82,54 @@ def test_fresh_dump_frames_match_truth_and_restore_intact(
         lines = wl.result()
         assert results_ok(lines), lines
         assert len(lines) == max(threads, 1) + (1 if mode == "nested" else 0)
+    finally:
+        wl.kill()
+
+
+def test_a_dump_of_many_threads_has_its_cores_read_by_upb_and_planned_as_by_wire(
+    here: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real dump above model.COMPILED_CORES_FROM threads, each in its handler: read by upb by default
+    (counted), the same thread states, frames and plans as read by wire, and every thread's registers
+    intact after the restore."""
+    from criu_xstate import model as model_mod
+    from criu_xstate.commands.planning import load_destinations, plan_for
+    from criu_xstate.images import framing
+    from criu_xstate.report import plan_json
+
+    n = model_mod.COMPILED_CORES_FROM + 16
+    wl = Workload(tmp_path / "wl", mode="threads", threads=n, seed=11)
+    try:
+        wl.start(timeout=120)
+    except Unsupported as exc:
+        pytest.skip(str(exc))
+    images = tmp_path / "images"
+    compiled: list[Path] = []
+    real = framing.read_single_compiled
+
+    def counted(path: Path, *args: Any) -> Any:
+        compiled.append(path)
+        return real(path, *args)
+
+    try:
+        wl.dump(images)
+        dests = load_destinations([here, ICX])
+        seen = []
+        for how in (None, False):
+            with monkeypatch.context() as m:
+                m.setattr(framing, "read_single_compiled", counted)
+                with open_checkpoint(images) as ck:
+                    model = load_model(ck, compiled_cores=how)
+                    states = [(t.tid, t.state(), t.frames) for t in model.threads()]
+                    seen.append((states, [plan_json(plan_for(model, d, None)) for d in dests]))
+        assert len(compiled) == n + 1  # the default read every core (the leader's too) with upb
+        assert seen[0] == seen[1]
+        assert len({tid for tid, _, frames in seen[0][0] if frames.live}) == n
+        assert main(["plan", str(images), "--dest", here]) == 0
+        wl.restore(images)
+        wl.release()
+        lines = wl.result(timeout=120)
+        assert len(lines) == n and results_ok(lines), lines[:5]
     finally:
         wl.kill()
 

@@ -54,6 +54,7 @@ static const char *dir;
 static const char *mode;
 static unsigned long seed;
 static int nthreads = 1;
+#define MAX_THREADS 512 /* a checkpoint of many threads (model.COMPILED_CORES_FROM) */
 static volatile sig_atomic_t released;
 static volatile int entered;
 static int expected = 1;
@@ -276,8 +277,8 @@ int main(int argc, char **argv)
 	ymmset in, out;
 	fill(in, seed);
 	if (!strcmp(mode, "threads")) {
-		pthread_t th[64];
-		if (nthreads < 1 || nthreads > 64)
+		static pthread_t th[MAX_THREADS];
+		if (nthreads < 1 || nthreads > MAX_THREADS)
 			return 2;
 		for (int i = 0; i < nthreads; i++)
 			pthread_create(&th[i], NULL, thread_main, (void *)(seed + 17 * (i + 1)));
