@@ -266,12 +266,20 @@ class CheckpointModel:
 COMPILED_CORES_FROM = 400
 
 
+def _upb() -> bool:
+    """Whether protobuf decodes with upb here: with PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python it
+    is pure Python too, and slower than wire."""
+    from google.protobuf.internal import api_implementation
+
+    return bool(api_implementation.Type() == "upb")
+
+
 def load_model(ck: Checkpoint, *, compiled_cores: bool | None = None) -> CheckpointModel:
     """The processes and threads of ``ck``. ``compiled_cores``: decode the cores with upb (True) or
     with wire (False); by default upb from :data:`COMPILED_CORES_FROM` threads on."""
     pstree = ck.pstree()
     if compiled_cores is None:
-        compiled_cores = sum(len(e.threads) or 1 for e in pstree) >= COMPILED_CORES_FROM
+        compiled_cores = sum(len(e.threads) or 1 for e in pstree) >= COMPILED_CORES_FROM and _upb()
     processes: list[Process] = []
     for entry in pstree:
         pid = int(entry.pid)

@@ -501,8 +501,14 @@ def test_a_core_upb_refuses_is_refused_with_wires_message(tmp_path: Path) -> Non
     assert messages[0] == messages[1] and "not a valid core_entry" in messages[0], messages
 
 
-@pytest.mark.parametrize("above", [True, False])
-def test_cores_are_read_by_upb_from_the_thread_count_on(above: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("above", "impl"), [(True, "upb"), (False, "upb"), (True, "python")])
+def test_cores_are_read_by_upb_from_the_thread_count_on(
+    above: bool, impl: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From COMPILED_CORES_FROM threads on, and only where protobuf is upb (its pure-Python
+    implementation, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python, is slower than wire)."""
+    from google.protobuf.internal import api_implementation
+
     from criu_xstate import model as model_mod
     from criu_xstate.images import open_checkpoint
 
@@ -514,9 +520,10 @@ def test_cores_are_read_by_upb_from_the_thread_count_on(above: bool, monkeypatch
         return real(path, *args)
 
     monkeypatch.setattr(framing, "read_single_compiled", counted)
+    monkeypatch.setattr(api_implementation, "Type", lambda: impl)
     with open_checkpoint(FIXTURES / "threads") as ck:
         threads = sum(len(e.threads) or 1 for e in ck.pstree())
         monkeypatch.setattr(model_mod, "COMPILED_CORES_FROM", threads if above else threads + 1)
         m = model_mod.load_model(ck)
         assert len(list(m.threads())) == threads
-    assert len(calls) == (threads if above else 0)
+    assert len(calls) == (threads if above and impl == "upb" else 0)
