@@ -156,6 +156,30 @@ def in_one_process(cks: dict[float, Path], rounds: int, out: Path) -> dict[str, 
     return result
 
 
+def threads_in_one_process(cks: dict[int, Path], rounds: int) -> dict[str, object]:
+    """plan and the floor with process start-up taken out (bench/inproc.py threads): medians per thread
+    count and their ratio, and each growth exponent as the median of the rounds' own exponents, on what
+    a run costs above the one-thread checkpoint's run (the fixed work: the profile, glibc's state)."""
+    argv = [PY, "-m", "bench.inproc", "threads", str(rounds), DEST, *map(str, cks.values())]
+    r = subprocess.run(argv, capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if r.returncode != 0:
+        raise SystemExit(f"bench: bench.inproc threads failed: {r.stderr.decode()[-500:]}")
+    times = json.loads(r.stdout)
+    counts = [n for n in cks if n != 1]
+    result: dict[str, object] = {"rounds": rounds, "threads": counts}
+    medians: dict[str, list[float]] = {}
+    for what in ("plan", "floor"):
+        one = times[str(cks[1])][what]
+        per = [times[str(cks[n])][what] for n in counts]
+        medians[what] = [statistics.median(t) for t in per]
+        result[f"{what}_s"] = [round(m, 4) for m in medians[what]]
+        exps = [_exponent([float(n) for n in counts], [t[i] - one[i] for t in per]) for i in range(rounds)]
+        result[f"{what}_thread_exponent"] = round(statistics.median(exps), 3)
+    pairs = zip(medians["plan"], medians["floor"], strict=True)
+    result["plan_over_floor"] = [round(p / f, 2) for p, f in pairs]
+    return result
+
+
 # --- synthetic ------------------------------------------------------------------------------------
 
 
@@ -172,6 +196,7 @@ def threads_sweep(tmp: Path, rounds: int, with_pycriu: bool, base: Path | None) 
         if base is not None:
             jobs[f"before {n}"] = lambda ck=ck: plan(ck, base)  # type: ignore[misc]
     med = _rounds(jobs, rounds)
+    inproc = threads_in_one_process(cks, max(rounds, 5))
     for ck in cks.values():
         shutil.rmtree(ck)
     rows = []
@@ -197,6 +222,7 @@ def threads_sweep(tmp: Path, rounds: int, with_pycriu: bool, base: Path | None) 
         "rows": rows,
         "plan_thread_exponent": round(_exponent([float(n) for n in THREADS], above["plan"]), 3),
         "floor_thread_exponent": round(_exponent([float(n) for n in THREADS], above["floor"]), 3),
+        "in_one_process": inproc,
     }
 
 
@@ -491,6 +517,12 @@ def table(results: dict[str, Any]) -> str:
         f"  thread growth exponent above start-up: plan {th['plan_thread_exponent']}, "
         f"floor {th['floor_thread_exponent']}, before {th.get('before_thread_exponent', '-')}"
     )
+    if (one := th.get("in_one_process")) is not None:
+        out.append(
+            f"  in one process ({one['rounds']} rounds): plan {one['plan_s']} s, floor {one['floor_s']} s, "
+            f"plan/floor {one['plan_over_floor']}; exponent plan {one['plan_thread_exponent']}, "
+            f"floor {one['floor_thread_exponent']}"
+        )
     out.append(
         f"{'synthetic, 100 threads':<34}{'plan s':>8}{'apply s':>9}{'written/ckpt':>14}{'plan before':>13}"
         f"{'apply before':>14}"

@@ -3,10 +3,14 @@ over in one process, the checkpoints interleaved, so that process start-up (~0.1
 noisiest part of a fresh process on a shared VM) drops out of a slope that is a few milliseconds.
 
     python -m bench.inproc ROUNDS DEST OUTDIR CHECKPOINT...
+    python -m bench.inproc threads ROUNDS DEST CHECKPOINT...
 
-Prints JSON: per checkpoint, the plan and apply times of every round (seconds). Each round runs every
-checkpoint once, plan then apply, in the same order; the first round warms caches and is not kept.
-Nothing is remembered between runs but what the code itself keeps (the pagemap memo is cleared).
+Prints JSON: per checkpoint, the plan and apply times of every round (seconds); with ``threads``, the
+plan and floor (bench/floor.py) times instead, for growth in threads without the start-up that the
+fresh-process rows subtract (at 250 threads what is left above start-up is a few milliseconds, and
+the exponent from it mostly noise). Each round runs every checkpoint once, in the same order; the
+first round warms caches and is not kept. Nothing is remembered between runs but what the code itself
+keeps (the pagemap memo is cleared).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.floor import floor
 from criu_xstate.cli import main
 from criu_xstate.images import pagemap
 
@@ -50,6 +55,25 @@ def run(rounds: int, dest: str, out: Path, checkpoints: list[str]) -> dict[str, 
     return times
 
 
+def threads(rounds: int, dest: str, checkpoints: list[str]) -> dict[str, dict[str, list[float]]]:
+    times: dict[str, dict[str, list[float]]] = {ck: {"plan": [], "floor": []} for ck in checkpoints}
+    for r in range(rounds + 1):
+        for ck in checkpoints:
+            p = _timed(["plan", ck, "--dest", dest, "--json"])
+            pagemap._MEMO.clear()
+            t0 = time.perf_counter()
+            floor(Path(ck))
+            f = time.perf_counter() - t0
+            if r:
+                times[ck]["plan"].append(p)
+                times[ck]["floor"].append(f)
+    return times
+
+
 if __name__ == "__main__":
-    rounds, dest, out, *cks = sys.argv[1:]
-    print(json.dumps(run(int(rounds), dest, Path(out), cks)))
+    if sys.argv[1] == "threads":
+        rounds, dest, *cks = sys.argv[2:]
+        print(json.dumps(threads(int(rounds), dest, cks)))
+    else:
+        rounds, dest, out, *cks = sys.argv[1:]
+        print(json.dumps(run(int(rounds), dest, Path(out), cks)))

@@ -36,3 +36,15 @@ def test_plan_and_apply_are_timed_in_one_process(tmp_path: Path) -> None:
     got = bench_main.in_one_process(cks, 2, tmp_path / "out")
     assert len(got["plan_ms"]) == 2 and all(t > 0 for t in got["apply_ms"])  # type: ignore[arg-type]
     assert not any((tmp_path / "out").iterdir())  # every output was removed
+
+
+def test_plan_and_the_floor_are_timed_in_one_process_by_thread_count(tmp_path: Path) -> None:
+    import bench.__main__ as bench_main
+
+    cks = {n: tmp_path / f"ck-{n}" for n in (1, 4, 16)}
+    for n, ck in cks.items():
+        build(ck, n, 0.01, criu_shaped=True)
+    got = bench_main.threads_in_one_process(cks, 2)
+    assert got["threads"] == [4, 16]
+    assert all(t > 0 for what in ("plan_s", "floor_s") for t in got[what])  # type: ignore[attr-defined]
+    assert isinstance(got["plan_thread_exponent"], float) and len(got["plan_over_floor"]) == 2  # type: ignore[arg-type]
