@@ -77,7 +77,7 @@ def _probed(model: CheckpointModel) -> HostFacts:
     """This host, for this checkpoint: the sigreturn self-test (a forked child, ~3 ms of the restore)
     only when a thread of it was in a signal handler. The rule it measures is read by the plan of a
     live frame and by nothing else (plan/make.py plans live frames only: frame_rules.py, target.py)."""
-    live = any(f.live for t in model.threads() for f in t.frames.frames)
+    live = any(t.frames.live for t in model.threads())
     why = None if live else "no thread of the checkpoint is in a signal handler (the rule judges frames)"
     return _destination("probe", skip_self_test=why)
 

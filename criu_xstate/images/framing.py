@@ -213,9 +213,14 @@ def read_single(path: Path, kind: ImageKind, cls: type[M]) -> M:
 
 
 def single_entry(raw: RawImage, cls: type[M]) -> M:
+    return decode(_the_entry(raw, cls), cls, raw.path, 0)
+
+
+def _the_entry(raw: RawImage, cls: type[M]) -> bytes:
+    """The payload of an image that holds exactly one entry."""
     if len(raw.payloads) != 1:
         raise ImageError(raw.path, f"expected one {cls.NAME} entry, found {len(raw.payloads)}")
-    return decode(raw.payloads[0], cls, raw.path, 0)
+    return raw.payloads[0]
 
 
 def read_single_compiled(path: Path, kind: ImageKind, cls: type[M]) -> Any:
@@ -229,12 +234,11 @@ def read_single_compiled(path: Path, kind: ImageKind, cls: type[M]) -> Any:
     from criu_xstate.images.rewrite import PB_TYPES  # protobuf (~20 ms): imported by the first call only
 
     raw = read_raw(path, kind, max_entries=1)
-    if len(raw.payloads) != 1:
-        raise ImageError(raw.path, f"expected one {cls.NAME} entry, found {len(raw.payloads)}")
+    payload = _the_entry(raw, cls)
     try:
-        return PB_TYPES[cls.NAME].FromString(raw.payloads[0])
+        return PB_TYPES[cls.NAME].FromString(payload)
     except (DecodeError, RuntimeWarning, ValueError) as exc:  # as rewrite.decode_pb catches
-        decode(raw.payloads[0], cls, raw.path, 0)  # raises, with wire's account of what is wrong
+        decode(payload, cls, raw.path, 0)  # raises, with wire's account of what is wrong
         raise ImageError(raw.path, f"entry 0: not a valid {cls.NAME}: protobuf refuses it ({exc})") from None
 
 
